@@ -1,0 +1,76 @@
+"""The contract every provider implements.
+
+Error tree::
+
+    ProviderError                 anything a provider raises on purpose
+    ├── ProviderTransientError    worth retrying unchanged (sealed, throttled, 5xx, unreachable)
+    └── ProviderNeedsFixError     retrying will not help (denied, unknown mount/ARN, bad config)
+
+Messages never carry tokens, keys or passphrases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
+
+from cryptography import x509
+
+Clock = Callable[[], datetime]
+"""Returns the current time, timezone-aware UTC. Injected so tests control time."""
+
+
+class ProviderError(Exception):
+    """A provider could not do what was asked. The message says what to do."""
+
+
+class ProviderTransientError(ProviderError):
+    """A failure that may pass if the same call is made again later."""
+
+
+class ProviderNeedsFixError(ProviderError):
+    """A failure that needs a change of configuration or permissions."""
+
+
+@dataclass(frozen=True)
+class SignedCA:
+    """A provider's answer to a CA CSR.
+
+    ``chain`` runs from the issued certificate up to, but excluding, the root:
+    the issued CA first, then each intermediate issuer. ``roots`` are the
+    provider's current self-signed roots, one of which ``chain`` ends under.
+    """
+
+    chain: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """An upstream authority.
+
+    ``name`` is the provider's key in the configuration, used in messages.
+    """
+
+    name: str
+
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        """The provider's current roots; empty if it has none yet."""
+        ...
+
+    def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
+        """Sign ``csr`` as a CA with path length 0. ``ttl`` is advisory: a
+        provider may shorten it (to its issuer's notAfter, or its own ceiling)."""
+        ...
+
+
+class BlobStore(Protocol):
+    """Durable storage a provider may keep its own material in (the self-signed
+    provider keeps its root there). Writes are atomic; files holding secrets are
+    written readable by the owner only."""
+
+    def load(self, name: str) -> bytes | None: ...
+
+    def save(self, name: str, data: bytes, *, secret: bool) -> None: ...

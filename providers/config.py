@@ -1,0 +1,232 @@
+"""Configuration of each provider, as written under ``providers.<name>`` in
+trustmgr.yaml. Field names are the documented camelCase keys; unknown keys are
+errors. Nothing here touches the network or the disk."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from providers.keys import KeyAlgorithm
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse a Go-style duration such as ``720h``, ``1h30m`` or ``90d``."""
+    if isinstance(value, timedelta):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a duration such as 720h, 30m or 90d")
+    text = value.strip()
+    pos = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or pos == 0:
+        raise ValueError(
+            f"{value!r} is not a duration: use a number and a unit, e.g. 720h, 30m, 90d"
+        )
+    return timedelta(seconds=total)
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be greater than zero")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
+
+
+class Model(BaseModel):
+    """Strict, immutable, camelCase model: unknown keys are errors."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class Subject(Model):
+    common_name: str = "trustmgr Root CA"
+    organization: str | None = None
+    organizational_unit: str | None = None
+    country: str | None = Field(default=None, min_length=2, max_length=2)
+
+
+class SelfSignedConfig(Model):
+    """A root CA trustmgr creates and keeps, encrypted, in its state store."""
+
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256
+    ttl: Duration = timedelta(days=3650)
+    subject: Subject = Subject()
+    passphrase_env: str | None = None
+    passphrase_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_passphrase_source(self) -> SelfSignedConfig:
+        if self.passphrase_env and self.passphrase_file:
+            raise ValueError("set passphraseEnv or passphraseFile, not both")
+        if not self.passphrase_env and not self.passphrase_file:
+            raise ValueError(
+                "the root key is kept encrypted: set passphraseEnv (an environment "
+                "variable name) or passphraseFile"
+            )
+        return self
+
+
+class VaultTokenAuth(Model):
+    """A token from an environment variable (default VAULT_TOKEN) or a file."""
+
+    env: str | None = None
+    file: str | None = None
+
+
+class VaultAppRoleAuth(Model):
+    mount: str = "approle"
+    role_id: str | None = None
+    role_id_file: str | None = None
+    role_id_env: str | None = None
+    secret_id_file: str | None = None
+    secret_id_env: str | None = None
+
+
+class VaultKubernetesAuth(Model):
+    role: str
+    mount: str = "kubernetes"
+    token_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+class VaultJwtAuth(Model):
+    role: str
+    mount: str = "jwt"
+    jwt_file: str | None = None
+    jwt_env: str | None = None
+
+
+class VaultAuth(Model):
+    """Exactly one auth method."""
+
+    token: VaultTokenAuth | None = None
+    app_role: VaultAppRoleAuth | None = None
+    kubernetes: VaultKubernetesAuth | None = None
+    jwt: VaultJwtAuth | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VaultAuth:
+        chosen = [m for m in ("token", "app_role", "kubernetes", "jwt") if getattr(self, m)]
+        if len(chosen) != 1:
+            raise ValueError("choose exactly one auth method: token, appRole, kubernetes or jwt")
+        return self
+
+
+class VaultConfig(Model):
+    """Vault or OpenBao PKI secrets engine."""
+
+    address: str
+    namespace: str | None = None
+    ca_cert: str | None = None
+    tls_skip_verify: bool = False
+    mount: str = "pki"
+    issuer: str | None = None
+    ttl: Duration | None = None
+    timeout: Duration = timedelta(seconds=30)
+    auth: VaultAuth = VaultAuth(token=VaultTokenAuth())
+
+
+AcmPcaSigningAlgorithm = Literal[
+    "SHA256WITHECDSA",
+    "SHA384WITHECDSA",
+    "SHA512WITHECDSA",
+    "SHA256WITHRSA",
+    "SHA384WITHRSA",
+    "SHA512WITHRSA",
+    "SHA256WITHRSA_PSS",
+    "SHA384WITHRSA_PSS",
+    "SHA512WITHRSA_PSS",
+    "SM3WITHSM2",
+    "ML_DSA_44",
+    "ML_DSA_65",
+    "ML_DSA_87",
+]
+"""IssueCertificate's SigningAlgorithm values (AWS Private CA API, 2017-08-22)."""
+
+
+class AcmPcaConfig(Model):
+    """AWS Private CA: an existing, ACTIVE private CA issues the cluster CAs.
+
+    ``signingAlgorithm`` defaults to the CA's own and ``templateArn`` to
+    ``SubordinateCACertificate_PathLen0_CSRPassthrough/V1`` in the CA's
+    partition; the provider resolves both (docs/providers/acmpca.md).
+    """
+
+    certificate_authority_arn: str = Field(
+        pattern=r"^arn:aws[\w-]*:acm-pca:[\w-]+:\d{12}:certificate-authority/[\w-]+$"
+    )
+    region: str
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    assume_role_arn: str | None = Field(
+        default=None, pattern=r"^arn:aws[\w-]*:iam::\d{12}:role/[\w+=,.@/-]+$"
+    )
+    signing_algorithm: AcmPcaSigningAlgorithm | None = None
+    template_arn: str | None = Field(
+        default=None, pattern=r"^arn:aws[\w-]*:acm-pca:::template/\w+/V\d+$"
+    )
+    max_wait: Duration = timedelta(seconds=60)
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    max_attempts: int = Field(default=5, ge=1, le=20)
+
+    @property
+    def partition(self) -> str:
+        """The AWS partition of the CA (``aws``, ``aws-cn``, ``aws-us-gov``...)."""
+        return self.certificate_authority_arn.split(":")[1]
+
+    @model_validator(mode="after")
+    def _matches_the_ca(self) -> AcmPcaConfig:
+        arn_region = self.certificate_authority_arn.split(":")[3]
+        if self.region != arn_region:
+            raise ValueError(
+                f"region {self.region} is not the region of certificateAuthorityArn "
+                f"({arn_region}): requests must go to the CA's own region"
+            )
+        if self.template_arn and self.template_arn.split(":")[1] != self.partition:
+            raise ValueError(
+                f"templateArn is in partition {self.template_arn.split(':')[1]}, "
+                f"the CA in {self.partition}"
+            )
+        return self
+
+
+class ProviderConfig(Model):
+    """One entry under ``providers``: exactly one kind."""
+
+    self_signed: SelfSignedConfig | None = None
+    vault: VaultConfig | None = None
+    acm_pca: AcmPcaConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            kinds = [
+                k for k in ("selfSigned", "vault", "acmPca", "self_signed", "acm_pca") if k in data
+            ]
+            if len(kinds) != 1:
+                raise ValueError("a provider has exactly one kind: selfSigned, vault or acmPca")
+        return data
+
+    @property
+    def kind(self) -> str:
+        if self.self_signed is not None:
+            return "selfSigned"
+        if self.vault is not None:
+            return "vault"
+        return "acmPca"

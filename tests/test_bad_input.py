@@ -1,0 +1,301 @@
+"""Bad input: one clear line, a non-zero exit, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PASSPHRASE, snapshot, trustmgr
+
+BASE = """\
+stateStore: {file: {path: state}}
+providers:
+  corp:
+    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}
+meshes:
+  web:
+    trustDomain: web.example
+    provider: corp
+    clusters:
+      web-1: {directory: {path: out/web-1}}
+  api:
+    trustDomain: api.example
+    provider: corp
+    clusters:
+      api-1: {directory: {path: out/api-1}}
+federations:
+  - meshes: [web, api]
+"""
+
+
+def edit(old: str, new: str) -> Callable[[Path], None]:
+    def apply(workdir: Path) -> None:
+        config = workdir / "trustmgr.yaml"
+        text = config.read_text()
+        assert old in text
+        config.write_text(text.replace(old, new))
+
+    return apply
+
+
+def write(name: str, data: bytes) -> Callable[[Path], None]:
+    def apply(workdir: Path) -> None:
+        path = workdir / name
+        path.chmod(0o600)
+        path.write_bytes(data)
+
+    return apply
+
+
+def new_cluster(workdir: Path) -> None:
+    """A cluster added after the first bootstrap: the next run must sign."""
+    edit(
+        "      api-1: {directory: {path: out/api-1}}",
+        "      api-1: {directory: {path: out/api-1}}\n      api-2: {directory: {path: out/api-2}}",
+    )(workdir)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    expect: str
+    code: int
+    breaks: Callable[[Path], None]
+    after_bootstrap: bool = False
+
+
+def _unset_passphrase(workdir: Path) -> None:
+    edit("passphraseEnv: TRUSTMGR_PASSPHRASE", "passphraseEnv: TRUSTMGR_UNSET_VARIABLE")(workdir)
+
+
+def _wrong_passphrase(workdir: Path) -> None:
+    edit("passphraseEnv: TRUSTMGR_PASSPHRASE", "passphraseEnv: OTHER_PASSPHRASE")(workdir)
+    new_cluster(workdir)
+
+
+def _delete_root_key(workdir: Path) -> None:
+    (workdir / "state/providers/corp/root-key.pem").unlink()
+    new_cluster(workdir)
+
+
+def _out_is_a_file(workdir: Path) -> None:
+    (workdir / "out").write_text("not a directory")
+
+
+def _lock_held(workdir: Path) -> None:
+    import fcntl
+
+    (workdir / "state").mkdir()
+    fd = (workdir / "state" / "lock").open("w")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held.append(fd)
+
+
+_held: list[object] = []
+
+
+CASES = [
+    Case(
+        "missing-config",
+        "no such file; create one with `trustmgr init`",
+        2,
+        lambda w: (w / "trustmgr.yaml").unlink(),
+    ),
+    Case("yaml-syntax", "not valid YAML", 2, edit("  web:\n", "  web: [\n")),
+    Case("empty-file", "must hold a mapping", 2, write("trustmgr.yaml", b"")),
+    Case(
+        "unknown-provider",
+        "unknown provider 'vault-prd' (known: corp)",
+        2,
+        edit(
+            "provider: corp\n    clusters:\n      web-1",
+            "provider: vault-prd\n    clusters:\n      web-1",
+        ),
+    ),
+    Case(
+        "dangling-federation",
+        "federations[0].meshes[1]: unknown mesh 'apii'",
+        2,
+        edit("[web, api]", "[web, apii]"),
+    ),
+    Case(
+        "duplicate-trust-domain",
+        "trust domain 'web.example' is already used by mesh 'web'",
+        2,
+        edit("trustDomain: api.example", "trustDomain: web.example"),
+    ),
+    Case(
+        "uppercase-trust-domain",
+        "'Web.Example' is not a SPIFFE trust domain",
+        2,
+        edit("trustDomain: web.example", "trustDomain: Web.Example"),
+    ),
+    Case(
+        "trust-domain-with-scheme",
+        "write the trust domain without the scheme: web.example",
+        2,
+        edit("trustDomain: web.example", "trustDomain: spiffe://web.example"),
+    ),
+    Case(
+        "unknown-key",
+        "meshes.web.clusters.web-1.directory.mode: unknown key 'mode'",
+        2,
+        edit("{path: out/web-1}", "{path: out/web-1, mode: 0600}"),
+    ),
+    Case(
+        "bad-duration",
+        "intermediates.ttl: '30days' is not a duration",
+        2,
+        edit("federations:", "intermediates: {ttl: 30days}\nfederations:"),
+    ),
+    Case(
+        "renew-before-ttl",
+        "renewBefore must be shorter than ttl",
+        2,
+        edit("federations:", "intermediates: {ttl: 24h, renewBefore: 48h}\nfederations:"),
+    ),
+    Case(
+        "cluster-in-two-meshes",
+        "cluster 'web-1' is also in mesh 'web'",
+        2,
+        edit("api-1: {directory: {path: out/api-1}}", "web-1: {directory: {path: out/other}}"),
+    ),
+    Case(
+        "two-clusters-one-directory",
+        "cluster 'web-1' writes to the same directory",
+        2,
+        edit("api-1: {directory: {path: out/api-1}}", "api-1: {directory: {path: out/web-1}}"),
+    ),
+    Case(
+        "provider-two-kinds",
+        "a provider has exactly one kind",
+        2,
+        edit(
+            "    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}",
+            "    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}\n    vault: {address: http://127.0.0.1:1}",
+        ),
+    ),
+    Case(
+        "no-passphrase-source",
+        "set passphraseEnv (an environment variable name) or passphraseFile",
+        2,
+        edit("{passphraseEnv: TRUSTMGR_PASSPHRASE}", "{}"),
+    ),
+    Case(
+        "passphrase-unset",
+        "environment variable TRUSTMGR_UNSET_VARIABLE is empty or unset",
+        2,
+        _unset_passphrase,
+    ),
+    Case(
+        "wrong-passphrase",
+        "cannot decrypt the root key; check the passphrase (environment variable OTHER_PASSPHRASE)",
+        2,
+        _wrong_passphrase,
+        after_bootstrap=True,
+    ),
+    Case(
+        "malformed-root-pem",
+        "the stored root certificate is not valid PEM",
+        2,
+        write(
+            "state/providers/corp/root-cert.pem",
+            b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+        ),
+        after_bootstrap=True,
+    ),
+    Case(
+        "root-key-lost",
+        "the root certificate exists but its key is missing",
+        2,
+        _delete_root_key,
+        after_bootstrap=True,
+    ),
+    Case(
+        "malformed-state-json",
+        "state/state.json is not valid JSON",
+        2,
+        write("state/state.json", b'{"version": 3,'),
+        after_bootstrap=True,
+    ),
+    Case(
+        "state-from-elsewhere",
+        "state/state.json: state format 9 is not 1",
+        2,
+        write("state/state.json", b'{"format": 9}'),
+        after_bootstrap=True,
+    ),
+    Case(
+        "output-parent-is-a-file",
+        "cannot write out/web-1: out is not a directory",
+        1,
+        _out_is_a_file,
+    ),
+    Case(
+        "state-locked",
+        "another trustmgr run holds state/lock; wait for it to finish",
+        1,
+        _lock_held,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTHER_PASSPHRASE", "not " + PASSPHRASE)
+    (workdir / "trustmgr.yaml").write_text(BASE)
+    if case.after_bootstrap:
+        assert trustmgr("bootstrap").code == 0
+    case.breaks(workdir)
+    before = snapshot(workdir)
+    try:
+        run = trustmgr("bootstrap")
+    finally:
+        for fd in _held:
+            fd.close()  # type: ignore[attr-defined]
+        _held.clear()
+    lines = run.err.strip().splitlines()
+    assert run.code == case.code, run.err
+    assert len(lines) == 1, run.err
+    assert lines[0].startswith("trustmgr: ")
+    assert case.expect in lines[0]
+    assert "Traceback" not in run.err + run.out
+    assert PASSPHRASE not in run.err + run.out
+    assert snapshot(workdir) == before
+
+
+def test_all_config_problems_at_once(workdir: Path) -> None:
+    text = BASE.replace(
+        "provider: corp\n    clusters:\n      web-1", "provider: nope\n    clusters:\n      web-1"
+    )
+    text = text.replace("[web, api]", "[web, ghost]").replace(
+        "{path: out/api-1}", "{path: out/api-1, mode: x}"
+    )
+    (workdir / "trustmgr.yaml").write_text(text)
+    run = trustmgr("validate")
+    assert run.code == 2
+    lines = run.err.strip().splitlines()
+    assert lines == [
+        "trustmgr: trustmgr.yaml:8: meshes.web.provider: unknown provider 'nope' (known: corp)",
+        "trustmgr: trustmgr.yaml:15: meshes.api.clusters.api-1.directory.mode: unknown key 'mode'",
+        "trustmgr: trustmgr.yaml:17: federations[0].meshes[1]: unknown mesh 'ghost'",
+    ]
+
+
+def test_debug_shows_the_traceback(workdir: Path) -> None:
+    (workdir / "trustmgr.yaml").write_text(BASE.replace("[web, api]", "[web, ghost]"))
+    with pytest.raises(Exception, match="unknown mesh"):
+        from trustmgr.cli import main
+
+        main(["--debug", "validate"])
+
+
+def test_unused_state_dir_is_not_needed_to_validate(workdir: Path) -> None:
+    (workdir / "trustmgr.yaml").write_text(BASE)
+    assert trustmgr("validate").code == 0
+    assert not (workdir / "state").exists()
+    shutil.rmtree(workdir / "out", ignore_errors=True)

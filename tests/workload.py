@@ -1,0 +1,114 @@
+"""Workload certificates as istiod would sign them, and OpenSSL's verdict on them."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+
+def issue_workload_cert(
+    ca_cert: x509.Certificate,
+    ca_key: CertificateIssuerPrivateKeyTypes,
+    spiffe_id: str,
+    *,
+    ttl: timedelta = timedelta(hours=24),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A leaf like istiod's: URI SAN, serverAuth+clientAuth, signed by ``ca_cert``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(min(now + ttl, ca_cert.not_valid_after_utc))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def load_cluster_ca(directory: Path) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
+    """The cluster CA cert and key from an Istio cacerts directory."""
+    cert = x509.load_pem_x509_certificate((directory / "ca-cert.pem").read_bytes())
+    key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    return cert, key
+
+
+def openssl_verify(
+    leaf: x509.Certificate, *, cert_chain: Path, root_cert: Path, tmp: Path
+) -> subprocess.CompletedProcess[str]:
+    """``openssl verify`` of a leaf with cert-chain.pem as untrusted intermediates."""
+    leaf_path = tmp / f"leaf-{leaf.serial_number:x}.pem"
+    leaf_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    return subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(root_cert),
+            "-untrusted",
+            str(cert_chain),
+            str(leaf_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def assert_openssl_enforces_trust_domain(
+    directory: Path, trust_domain: str, foreign: str, tmp: Path
+) -> None:
+    """A workload of the cluster's own trust domain verifies; one claiming ``foreign`` does not."""
+    ca_cert, ca_key = load_cluster_ca(directory)
+    own, _ = issue_workload_cert(ca_cert, ca_key, f"spiffe://{trust_domain}/ns/default/sa/app")
+    result = openssl_verify(
+        own, cert_chain=directory / "cert-chain.pem", root_cert=directory / "root-cert.pem", tmp=tmp
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    alien, _ = issue_workload_cert(ca_cert, ca_key, f"spiffe://{foreign}/ns/default/sa/app")
+    result = openssl_verify(
+        alien,
+        cert_chain=directory / "cert-chain.pem",
+        root_cert=directory / "root-cert.pem",
+        tmp=tmp,
+    )
+    assert result.returncode != 0
+    assert "permitted subtree violation" in result.stderr, result.stderr

@@ -1,0 +1,3 @@
+from trustmgr.cli import main
+
+main()

@@ -1,0 +1,334 @@
+"""The trustmgr command line. Errors reach the user in one place, ``main``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from providers import ProviderError, ProviderNeedsFixError
+from trustmgr import __version__
+from trustmgr import config as config_mod
+from trustmgr.engine import Report, Workspace, apply, make_plan, now_utc
+from trustmgr.errors import ConfigError, TrustmgrError
+from trustmgr.inspect import cluster_status, verify_cluster
+from trustmgr.planner import Action, Plan
+
+log = logging.getLogger("trustmgr")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CHANGES_PENDING = 0, 1, 2, 3
+
+
+@dataclass
+class Context:
+    config_path: Path
+    debug: bool
+
+    def config(self) -> config_mod.Config:
+        return config_mod.load(self.config_path)
+
+    def workspace(self) -> Workspace:
+        return Workspace.build(self.config(), clock=now_utc)
+
+
+output_option = click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=config_mod.DEFAULT_CONFIG,
+    show_default=True,
+    help="Configuration file.",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(__version__, prog_name="trustmgr")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path, verbose: int, debug: bool) -> None:
+    """Multi-cluster trust and certificate manager for Istio."""
+    level = logging.WARNING - 10 * verbose if not debug else logging.DEBUG
+    logging.basicConfig(
+        level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
+    )
+    ctx.obj = Context(config_path, debug)
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "pending": plan.pending,
+        "providers": [
+            {"provider": p.provider, "createRoot": p.create_root} for p in plan.providers
+        ],
+        "clusters": [
+            {
+                "cluster": c.cluster,
+                "mesh": c.mesh,
+                "action": str(c.action),
+                "reason": c.reason,
+                "message": c.message,
+                "istiodReload": str(c.reload),
+            }
+            for c in plan.clusters
+        ],
+    }
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.pass_obj
+def init(obj: Context, force: bool) -> None:
+    """Write a starter configuration."""
+    if obj.config_path.exists() and not force:
+        raise click.UsageError(f"{obj.config_path} exists; use --force to overwrite it")
+    obj.config_path.write_text(STARTER_CONFIG)
+    click.echo(f"wrote {obj.config_path}; set TRUSTMGR_PASSPHRASE, then run `trustmgr plan`")
+
+
+@cli.command()
+@click.pass_obj
+def validate(obj: Context) -> None:
+    """Check the configuration; list every problem."""
+    cfg = obj.config()
+    clusters = sum(len(m.clusters) for m in cfg.meshes.values())
+    click.echo(
+        f"{obj.config_path}: valid ({len(cfg.providers)} providers, {len(cfg.meshes)} meshes, "
+        f"{clusters} clusters, {len(cfg.federations)} federations)"
+    )
+
+
+@cli.command("plan")
+@output_option
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 3 when changes are pending.")
+@click.pass_obj
+def plan_cmd(obj: Context, output: str, detailed_exitcode: bool) -> None:
+    """Show what bootstrap or reconcile would change, and why."""
+    plan = make_plan(obj.workspace())
+    if output == "json":
+        _echo_json(_plan_json(plan))
+    else:
+        for p in plan.providers:
+            click.echo(f"provider {p.provider}: create root")
+        rows = [
+            (
+                c.cluster,
+                c.mesh,
+                str(c.action),
+                c.reason,
+                c.message
+                + (" (istiod restart needed)" if c.pending and c.reload == "restart" else ""),
+            )
+            for c in plan.clusters
+        ]
+        click.echo(_table(rows, ("CLUSTER", "MESH", "ACTION", "REASON", "DETAIL")))
+        pending = sum(c.pending for c in plan.clusters)
+        click.echo(
+            f"{pending} of {len(plan.clusters)} clusters to change"
+            if plan.pending
+            else "nothing to do"
+        )
+    if detailed_exitcode and plan.pending:
+        sys.exit(EXIT_CHANGES_PENDING)
+
+
+def _report(report: Report, output: str, ws: Workspace) -> None:
+    if output == "json":
+        _echo_json(
+            {
+                "ok": report.ok,
+                "changed": report.changed,
+                "rootsCreated": list(report.roots_created),
+                "clusters": [
+                    {
+                        "cluster": o.cluster,
+                        "mesh": o.mesh,
+                        "action": str(o.action),
+                        "reason": o.reason,
+                        "ok": o.ok,
+                        "error": o.error,
+                        "target": ws.targets[o.cluster].description,
+                    }
+                    for o in report.outcomes
+                ],
+            }
+        )
+    else:
+        for provider in report.roots_created:
+            click.echo(f"created root of provider {provider}")
+        for o in report.outcomes:
+            if o.action is Action.NONE:
+                continue
+            where = ws.targets[o.cluster].description
+            if o.ok:
+                click.echo(f"{o.action:<13} {o.cluster} ({o.reason}) -> {where}")
+            else:
+                click.echo(f"{'failed':<13} {o.cluster}: {o.error}", err=True)
+        done = sum(1 for o in report.outcomes if o.ok and o.action is not Action.NONE)
+        failed = sum(1 for o in report.outcomes if not o.ok)
+        same = sum(1 for o in report.outcomes if o.action is Action.NONE)
+        click.echo(
+            f"{len(report.outcomes)} clusters: {done} changed, {same} up to date, {failed} failed"
+        )
+    if not report.ok:
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@output_option
+@click.option("--workers", default=16, show_default=True, help="Clusters worked on at once.")
+@click.pass_obj
+def bootstrap(obj: Context, output: str, workers: int) -> None:
+    """Create roots and cluster CAs and write every target. Safe to re-run."""
+    ws = obj.workspace()
+    _report(apply(ws, workers=workers), output, ws)
+
+
+@cli.command()
+@output_option
+@click.option("--workers", default=16, show_default=True, help="Clusters worked on at once.")
+@click.pass_obj
+def reconcile(obj: Context, output: str, workers: int) -> None:
+    """Apply renewals and repairs on a live system; the scheduled form of bootstrap."""
+    ws = obj.workspace()
+    _report(apply(ws, workers=workers), output, ws)
+
+
+@cli.command()
+@output_option
+@click.pass_obj
+def status(obj: Context, output: str) -> None:
+    """Per cluster: CA serial, expiry, roots in the bundle, drift."""
+    ws = obj.workspace()
+    rows = cluster_status(ws)
+    if output == "json":
+        _echo_json([r.to_json() for r in rows])
+        return
+    click.echo(
+        _table(
+            [
+                (
+                    r.cluster,
+                    r.mesh,
+                    r.serial or "-",
+                    _date(r.not_after),
+                    str(r.days_left) if r.days_left is not None else "-",
+                    str(r.roots),
+                    r.drift or "no",
+                )
+                for r in rows
+            ],
+            ("CLUSTER", "MESH", "SERIAL", "NOT AFTER", "DAYS LEFT", "ROOTS", "DRIFT"),
+        )
+    )
+
+
+def _date(value: datetime | None) -> str:
+    return f"{value:%Y-%m-%d %H:%M}Z" if value else "-"
+
+
+@cli.command()
+@output_option
+@click.pass_obj
+def verify(obj: Context, output: str) -> None:
+    """Check every cluster's material against istiod's load checks and the policy."""
+    ws = obj.workspace()
+    results = {cluster: verify_cluster(ws, cluster) for cluster in ws.targets}
+    if output == "json":
+        _echo_json({"ok": not any(results.values()), "clusters": results})
+    else:
+        for cluster, problems in results.items():
+            if problems:
+                for p in problems:
+                    click.echo(f"FAIL {cluster}: {p}")
+            else:
+                click.echo(f"ok   {cluster}")
+    if any(results.values()):
+        sys.exit(EXIT_FAILED)
+
+
+STARTER_CONFIG = """\
+# trustmgr configuration. Reference: docs/configuration.md
+stateStore:
+  file: {path: .trustmgr}
+providers:
+  corp:
+    selfSigned:
+      keyAlgorithm: ECDSA_P256
+      ttl: 87600h
+      subject: {organization: Example Corp, commonName: Example Corp Root CA}
+      passphraseEnv: TRUSTMGR_PASSPHRASE
+meshes:
+  web:
+    trustDomain: web.example
+    provider: corp
+    clusters:
+      web-1: {directory: {path: out/web-1}}
+intermediates:
+  keyAlgorithm: ECDSA_P256
+  ttl: 720h
+  renewBefore: 240h
+"""
+
+
+def _error_lines(exc: BaseException) -> list[str]:
+    if isinstance(exc, ConfigError):
+        return exc.lines()
+    return [str(exc)]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: exit 0 done, 1 failed, 2 bad input, 3 changes pending (plan)."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="trustmgr", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_BAD_INPUT)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_FAILED)
+    except (TrustmgrError, ProviderError) as exc:
+        if debug:
+            raise
+        for line in _error_lines(exc):
+            click.echo(f"trustmgr: {line}", err=True)
+        if isinstance(exc, TrustmgrError):
+            sys.exit(exc.exit_code)
+        sys.exit(EXIT_BAD_INPUT if isinstance(exc, ProviderNeedsFixError) else EXIT_FAILED)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(
+            f"trustmgr: unexpected {type(exc).__name__}; run again with --debug for the traceback",
+            err=True,
+        )
+        sys.exit(EXIT_FAILED)

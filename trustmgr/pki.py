@@ -1,0 +1,432 @@
+"""Keys, CSRs and certificate checks: the Istio contract for cluster CAs.
+
+Knows nothing of where material is stored. Every check returns problems as
+plain sentences rather than raising, so ``verify`` can list them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    PrivateKeyTypes,
+    PublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from providers import SignedCA
+from providers.keys import KeyAlgorithm, key_algorithm_of
+from trustmgr.bundles import TrustBundle, fingerprint, load_certificates, pem, pem_blocks
+from trustmgr.errors import BadMaterialError, ProviderAnswerError
+
+CACERTS_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
+
+
+def spiffe_uri(trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}"
+
+
+def same_public_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return a.public_bytes(der, spki) == b.public_bytes(der, spki)
+
+
+@dataclass(frozen=True)
+class ClusterCARequest:
+    """A fresh key and the CSR a provider signs into a cluster CA."""
+
+    key: CertificateIssuerPrivateKeyTypes
+    csr: x509.CertificateSigningRequest
+
+
+def cluster_ca_request(
+    trust_domain: str, *, cluster: str, algorithm: KeyAlgorithm, organization: str | None = None
+) -> ClusterCARequest:
+    """Build a CSR carrying every extension the cluster CA must have, so that
+    providers which copy CSR values (Vault ``use_csr_values``, AWS CSR
+    passthrough) produce the same certificate as the self-signed path."""
+    key = algorithm.generate()
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster} cluster CA")]
+    if organization:
+        names.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    names.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name(names))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_uri(trust_domain))]),
+            critical=False,
+        )
+        # The permitted subtree is the bare trust domain: OpenSSL, BoringSSL and Go
+        # compare a URI constraint with the URI's host. "spiffe://td" breaks every leaf.
+        .add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
+                excluded_subtrees=None,
+            ),
+            critical=True,
+        )
+        .sign(key, algorithm.signature_hash())
+    )
+    return ClusterCARequest(key, csr)
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key signed ``cert`` and the names line up."""
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    return issued_by(cert, cert)
+
+
+def _ext(
+    cert: x509.Certificate, kind: type[x509.ExtensionType]
+) -> x509.Extension[x509.ExtensionType] | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    ext = _ext(cert, x509.SubjectAlternativeName)
+    if ext is None:
+        return []
+    assert isinstance(ext.value, x509.SubjectAlternativeName)
+    return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def permitted_uri_domains(cert: x509.Certificate) -> list[str] | None:
+    """The permitted URI subtrees, or None when the CA has no name constraints."""
+    ext = _ext(cert, x509.NameConstraints)
+    if ext is None:
+        return None
+    assert isinstance(ext.value, x509.NameConstraints)
+    return [
+        n.value
+        for n in ext.value.permitted_subtrees or []
+        if isinstance(n, x509.UniformResourceIdentifier)
+    ]
+
+
+def trust_domain_of(cert: x509.Certificate) -> str | None:
+    for uri in uri_sans(cert):
+        if uri.startswith("spiffe://"):
+            return uri.removeprefix("spiffe://").split("/", 1)[0]
+    return None
+
+
+def cluster_ca_problems(ca: x509.Certificate, trust_domain: str, *, now: datetime) -> list[str]:
+    """Policy checks on a cluster CA certificate (DESIGN "Hierarchy")."""
+    problems = []
+    bc = _ext(ca, x509.BasicConstraints)
+    if bc is None or not isinstance(bc.value, x509.BasicConstraints) or not bc.value.ca:
+        problems.append("is not a CA (BasicConstraints CA:TRUE missing)")
+    else:
+        if bc.value.path_length != 0:
+            problems.append(f"has path length {bc.value.path_length}, expected 0")
+        if not bc.critical:
+            problems.append("BasicConstraints is not critical")
+    ku = _ext(ca, x509.KeyUsage)
+    if ku is None or not isinstance(ku.value, x509.KeyUsage):
+        problems.append("has no KeyUsage (keyCertSign is required)")
+    else:
+        if not ku.value.key_cert_sign:
+            problems.append("KeyUsage lacks keyCertSign")
+        if not ku.value.crl_sign:
+            problems.append("KeyUsage lacks cRLSign")
+        if not ku.critical:
+            problems.append("KeyUsage is not critical")
+    if _ext(ca, x509.ExtendedKeyUsage) is not None:
+        problems.append("lists extended key usages; a cluster CA must have none")
+    expected_uri = spiffe_uri(trust_domain)
+    if expected_uri not in uri_sans(ca):
+        problems.append(f"has no URI SAN {expected_uri}")
+    permitted = permitted_uri_domains(ca)
+    if permitted is None:
+        problems.append(f"has no NameConstraints; expected permitted URI subtree {trust_domain}")
+    else:
+        nc = _ext(ca, x509.NameConstraints)
+        if nc is not None and not nc.critical:
+            problems.append("NameConstraints is not critical")
+        if permitted != [trust_domain]:
+            problems.append(
+                f"permits URI subtrees {permitted or 'none'}, expected exactly [{trust_domain}]"
+            )
+    if now < ca.not_valid_before_utc:
+        problems.append(f"is not valid before {ca.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+    if now >= ca.not_valid_after_utc:
+        problems.append(f"expired at {ca.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+    return problems
+
+
+def check_signed_ca(
+    answer: SignedCA,
+    request: ClusterCARequest,
+    trust_domain: str,
+    *,
+    provider: str,
+    now: datetime,
+) -> x509.Certificate:
+    """Check a provider's answer before anything uses it; return the root the
+    chain ends under. Raises ProviderAnswerError listing every problem."""
+    problems: list[str] = []
+    if not answer.chain:
+        raise ProviderAnswerError(f"provider {provider} returned an empty chain")
+    if not answer.roots:
+        raise ProviderAnswerError(f"provider {provider} reported no roots")
+    ca = answer.chain[0]
+    if not same_public_key(ca.public_key(), request.csr.public_key()):
+        problems.append("the issued certificate's public key is not the CSR's")
+    problems += [f"the issued CA {p}" for p in cluster_ca_problems(ca, trust_domain, now=now)]
+    for child, parent in itertools.pairwise(answer.chain):
+        if not issued_by(child, parent):
+            problems.append(
+                f"chain is out of order: {child.subject.rfc4514_string()} is not issued by "
+                f"{parent.subject.rfc4514_string()}"
+            )
+    for cert in answer.chain:
+        if is_self_signed(cert):
+            problems.append("chain includes a self-signed root; roots are reported apart")
+    root = next((r for r in answer.roots if issued_by(answer.chain[-1], r)), None)
+    if root is None:
+        problems.append("chain does not end under any root the provider reports")
+    for r in answer.roots:
+        if not is_self_signed(r):
+            problems.append(f"reported root {r.subject.rfc4514_string()} is not self-signed")
+    if problems or root is None:
+        raise ProviderAnswerError(
+            f"provider {provider} gave an unusable certificate: {'; '.join(problems)}"
+        )
+    return root
+
+
+@dataclass(frozen=True)
+class CACerts:
+    """Istio's cacerts material, as bytes exactly as written."""
+
+    ca_cert: bytes
+    ca_key: bytes
+    cert_chain: bytes
+    root_cert: bytes
+
+    def files(self) -> dict[str, bytes]:
+        return dict(
+            zip(
+                CACERTS_FILES,
+                (self.ca_cert, self.ca_key, self.cert_chain, self.root_cert),
+                strict=True,
+            )
+        )
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> CACerts:
+        return cls(*(files[name] for name in CACERTS_FILES))
+
+    def digest(self) -> str:
+        """SHA-256 over all four files; what a target records as written."""
+        h = hashlib.sha256()
+        for name, data in self.files().items():
+            h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        return h.hexdigest()
+
+    def with_bundle(self, bundle: TrustBundle) -> CACerts:
+        return CACerts(self.ca_cert, self.ca_key, self.cert_chain, bundle.to_pem())
+
+
+def private_key_pem(key: PrivateKeyTypes) -> bytes:
+    """Unencrypted PKCS#8, which istiod requires."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def assemble(
+    request: ClusterCARequest, answer: SignedCA, root: x509.Certificate, bundle: TrustBundle
+) -> CACerts:
+    """cert-chain.pem runs cluster CA first, each issuer, then the root."""
+    return CACerts(
+        ca_cert=pem(answer.chain[0]),
+        ca_key=private_key_pem(request.key),
+        cert_chain=b"".join(pem(c) for c in (*answer.chain, root)),
+        root_cert=bundle.to_pem(),
+    )
+
+
+def load_private_key(data: bytes, what: str) -> PrivateKeyTypes:
+    """Load an unencrypted PEM private key (PKCS#1, SEC1 or PKCS#8), as istiod does."""
+    blocks = pem_blocks(data, what)
+    if len(blocks) != 1 or "PRIVATE KEY" not in blocks[0][0]:
+        raise BadMaterialError(f"{what}: expected exactly one PEM private key")
+    if blocks[0][0] == "ENCRYPTED PRIVATE KEY":
+        raise BadMaterialError(f"{what}: the key is encrypted; istiod needs an unencrypted key")
+    try:
+        return serialization.load_pem_private_key(blocks[0][1], password=None)
+    except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
+        raise BadMaterialError(f"{what}: the private key cannot be parsed") from None
+
+
+@dataclass(frozen=True)
+class ObservedCA:
+    """What a target holds, parsed; ``problems`` lists what istiod or the policy
+    would refuse. Pure data, no key material."""
+
+    digest: str
+    fingerprint: str | None = None
+    serial: str | None = None
+    not_after: datetime | None = None
+    trust_domain: str | None = None
+    key_algorithm: KeyAlgorithm | None = None
+    chain_root: str | None = None
+    bundle: tuple[str, ...] = ()
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+def _path_to_root(
+    leaf: x509.Certificate, intermediates: list[x509.Certificate], roots: list[x509.Certificate]
+) -> list[x509.Certificate] | None:
+    """Go x509.Verify's path building, depth-first: leaf, intermediates…, root."""
+
+    def walk(cert: x509.Certificate, path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+        for root in roots:
+            if issued_by(cert, root):
+                return [*path, root]
+        if len(path) > 8:
+            return None
+        for parent in intermediates:
+            if parent not in path and issued_by(cert, parent):
+                found = walk(parent, [*path, parent])
+                if found:
+                    return found
+        return None
+
+    return walk(leaf, [leaf])
+
+
+def istiod_problems(material: CACerts, *, now: datetime) -> list[str]:
+    """istiod's load checks on a cacerts set (FACTS: keycertbundle.go, ca.go)."""
+    problems: list[str] = []
+    try:
+        ca = load_certificates(material.ca_cert, "ca-cert.pem")[0]
+        chain = load_certificates(material.cert_chain, "cert-chain.pem")
+        roots = load_certificates(material.root_cert, "root-cert.pem")
+    except BadMaterialError as exc:
+        return [str(exc)]
+    try:
+        key = load_private_key(material.ca_key, "ca-key.pem")
+        if not same_public_key(key.public_key(), ca.public_key()):
+            problems.append("ca-key.pem does not match ca-cert.pem")
+    except BadMaterialError as exc:
+        problems.append(str(exc))
+    bc = _ext(ca, x509.BasicConstraints)
+    if bc is None or not isinstance(bc.value, x509.BasicConstraints) or not bc.value.ca:
+        problems.append("ca-cert.pem is not a CA certificate")
+    path = _path_to_root(ca, chain, roots)
+    if path is None:
+        problems.append("ca-cert.pem does not chain to any root in root-cert.pem")
+        return problems
+    for cert in path:
+        name = cert.subject.rfc4514_string()
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            problems.append(f"{name} is outside its validity period")
+        eku = _ext(cert, x509.ExtendedKeyUsage)
+        if eku is not None and isinstance(eku.value, x509.ExtendedKeyUsage):
+            usages = list(eku.value)
+            if (
+                ExtendedKeyUsageOID.SERVER_AUTH not in usages
+                and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages
+            ):
+                problems.append(
+                    f"{name} lists extended key usages without serverAuth; Go's verifier rejects it"
+                )
+    return problems
+
+
+def chain_problems(material: CACerts) -> list[str]:
+    """cert-chain.pem must run cluster CA first, each issuer next, up to a root of the bundle."""
+    try:
+        ca = load_certificates(material.ca_cert, "ca-cert.pem")[0]
+        chain = load_certificates(material.cert_chain, "cert-chain.pem")
+        bundle = TrustBundle.from_pem(material.root_cert, "root-cert.pem")
+    except BadMaterialError as exc:
+        return [str(exc)]
+    problems = []
+    if fingerprint(chain[0]) != fingerprint(ca):
+        problems.append("cert-chain.pem does not start with ca-cert.pem")
+    for child, parent in itertools.pairwise(chain):
+        if not issued_by(child, parent):
+            problems.append("cert-chain.pem is not in issuing order")
+            break
+    if not is_self_signed(chain[-1]):
+        problems.append("cert-chain.pem does not end with a root")
+    elif chain[-1] not in bundle:
+        problems.append("cert-chain.pem ends with a root that root-cert.pem does not hold")
+    if len(chain) > 1 and ca.not_valid_after_utc > chain[1].not_valid_after_utc:
+        problems.append("ca-cert.pem outlives its issuer")
+    return problems
+
+
+def observe(material: CACerts, *, trust_domain: str | None, now: datetime) -> ObservedCA:
+    """Parse and check a target's material. Never raises on bad material."""
+    problems = istiod_problems(material, now=now) + chain_problems(material)
+    try:
+        ca = load_certificates(material.ca_cert, "ca-cert.pem")[0]
+    except BadMaterialError:
+        return ObservedCA(digest=material.digest(), problems=tuple(dict.fromkeys(problems)))
+    if trust_domain is not None:
+        problems += [f"ca-cert.pem {p}" for p in cluster_ca_problems(ca, trust_domain, now=now)]
+    try:
+        bundle = TrustBundle.from_pem(material.root_cert, "root-cert.pem").fingerprints
+    except BadMaterialError:
+        bundle = ()
+    try:
+        chain = load_certificates(material.cert_chain, "cert-chain.pem")
+        chain_root = fingerprint(chain[-1]) if is_self_signed(chain[-1]) else None
+    except BadMaterialError:
+        chain_root = None
+    return ObservedCA(
+        digest=material.digest(),
+        fingerprint=fingerprint(ca),
+        serial=format(ca.serial_number, "x"),
+        not_after=ca.not_valid_after_utc,
+        trust_domain=trust_domain_of(ca),
+        key_algorithm=key_algorithm_of(ca.public_key()),
+        chain_root=chain_root,
+        bundle=bundle,
+        problems=tuple(dict.fromkeys(problems)),
+    )

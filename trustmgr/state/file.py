@@ -1,0 +1,118 @@
+"""The ``file`` state store: a directory, by default ``.trustmgr/``.
+
+Layout::
+
+    state.json                       cluster records, with a version for compare-and-set
+    providers/<name>/root-cert.pem   self-signed roots
+    providers/<name>/root-key.pem    encrypted root keys, mode 0600
+    lock                             held for the whole of a run
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import filelock
+
+from trustmgr.atomic import write_atomic
+from trustmgr.errors import LockedError, StateError
+from trustmgr.state.model import State
+
+
+class _Blobs:
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def _path(self, name: str) -> Path:
+        path = (self._root / name).resolve()
+        if not path.is_relative_to(self._root.resolve()):
+            raise StateError(f"refusing to store {name!r} outside the state directory")
+        return path
+
+    def load(self, name: str) -> bytes | None:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {self._path(name)}: {exc.strerror}") from None
+
+    def save(self, name: str, data: bytes, *, secret: bool) -> None:
+        path = self._path(name)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(path, data, mode=0o600 if secret else 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class FileStateStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def _state_file(self) -> Path:
+        return self.path / "state.json"
+
+    def _ensure_dir(self) -> None:
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the state directory {self.path}: {exc.strerror}"
+            ) from None
+
+    def blobs(self) -> _Blobs:
+        return _Blobs(self.path / "providers")
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's lock; a second run fails at once rather than waiting."""
+        self._ensure_dir()
+        lock = filelock.FileLock(self.path / "lock", timeout=0, mode=0o600)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise LockedError(
+                f"another trustmgr run holds {self.path / 'lock'}; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def load(self) -> State:
+        try:
+            raw = self._state_file.read_bytes()
+        except FileNotFoundError:
+            return State()
+        except OSError as exc:
+            raise StateError(f"cannot read {self._state_file}: {exc.strerror}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise StateError(
+                f"{self._state_file} is not valid JSON; restore it from a backup or remove it to start over"
+            ) from None
+        return State.from_json(data, str(self._state_file))
+
+    def save(self, state: State) -> State:
+        """Compare-and-set: refuses if the stored version moved since ``state`` was loaded."""
+        current = self.load()
+        if current.version != state.version:
+            raise StateError(
+                f"{self._state_file} changed during this run (version {state.version} → "
+                f"{current.version}); run again"
+            )
+        saved = replace(state, version=state.version + 1)
+        self._ensure_dir()
+        data = json.dumps(saved.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+        try:
+            write_atomic(self._state_file, data, mode=0o600)
+        except OSError as exc:
+            raise StateError(f"cannot write {self._state_file}: {exc.strerror}") from None
+        return saved
