@@ -15,7 +15,7 @@ from tests.workload import assert_openssl_enforces_trust_domain
 from trustmgr import config as config_mod
 from trustmgr.bundles import TrustBundle
 from trustmgr.engine import Workspace, apply
-from trustmgr.inspect import cluster_status, verify_cluster
+from trustmgr.inspect import cluster_status, verify_all
 from trustmgr.pki import CACerts, istiod_problems, observe
 from trustmgr.planner import Action
 
@@ -140,7 +140,7 @@ def test_renewal_inside_renew_before(quickstart: Path, workdir: Path) -> None:
     cfg = config_mod.load(quickstart)
     later = datetime.now(UTC) + timedelta(days=21)  # ttl 30d, renewBefore 10d
     ws = Workspace.build(cfg, clock=lambda: later)
-    planned = {c.cluster: c for c in ws.plan(ws.store.load())[0].clusters}
+    planned = {c.cluster: c for c in ws.plan(ws.store.load()).plan.clusters}
     assert {c.action for c in planned.values()} == {Action.RENEW}
     assert planned["pci-east"].reason == "RenewalDue"
     report = apply(ws)
@@ -149,7 +149,7 @@ def test_renewal_inside_renew_before(quickstart: Path, workdir: Path) -> None:
     assert status["pci-east"].serial != old_serial
     assert status["pci-east"].drift is None
     # The renewed CA is under the same root: the bundle did not change.
-    assert all(verify_cluster(ws, c) == [] for c in CLUSTERS)
+    assert all(problems == [] for problems in verify_all(ws).values())
     assert not apply(ws).changed
 
 

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from providers import ProviderError, ProviderNeedsFixError
-from trustmgr import __version__
+from trustmgr import __version__, graph
 from trustmgr import config as config_mod
-from trustmgr.engine import Report, Workspace, apply, make_plan, now_utc
+from trustmgr.atomic import write_atomic
+from trustmgr.engine import Report, Workspace, apply, make_plan, now_utc, spiffe_export
 from trustmgr.errors import ConfigError, TrustmgrError
-from trustmgr.inspect import cluster_status, verify_cluster
+from trustmgr.federation import Federation, mesh_config_fragment
+from trustmgr.inspect import cluster_status, verify_all
 from trustmgr.planner import Action, Plan
 
 log = logging.getLogger("trustmgr")
@@ -116,6 +119,7 @@ def validate(obj: Context) -> None:
     """Check the configuration; list every problem."""
     cfg = obj.config()
     clusters = sum(len(m.clusters) for m in cfg.meshes.values())
+    _findings(Workspace.build(cfg, clock=now_utc).federation())
     click.echo(
         f"{obj.config_path}: valid ({len(cfg.providers)} providers, {len(cfg.meshes)} meshes, "
         f"{clusters} clusters, {len(cfg.federations)} federations)"
@@ -257,7 +261,7 @@ def _date(value: datetime | None) -> str:
 def verify(obj: Context, output: str) -> None:
     """Check every cluster's material against istiod's load checks and the policy."""
     ws = obj.workspace()
-    results = {cluster: verify_cluster(ws, cluster) for cluster in ws.targets}
+    results = verify_all(ws)
     if output == "json":
         _echo_json({"ok": not any(results.values()), "clusters": results})
     else:
@@ -269,6 +273,130 @@ def verify(obj: Context, output: str) -> None:
                 click.echo(f"ok   {cluster}")
     if any(results.values()):
         sys.exit(EXIT_FAILED)
+
+
+@cli.group()
+def trust() -> None:
+    """Who trusts whom: the trust matrix and the federation graph."""
+
+
+def _findings(federation: Federation) -> None:
+    for finding in federation.findings():
+        click.echo(f"{finding.level}: {finding.message}", err=True)
+
+
+@trust.command("matrix")
+@output_option
+@click.pass_obj
+def trust_matrix(obj: Context, output: str) -> None:
+    """Which mesh accepts the identities of which, and why."""
+    federation = obj.workspace().federation()
+    cells = federation.matrix()
+    if output == "json":
+        _echo_json(
+            [
+                {
+                    "accepting": c.accepting,
+                    "presenting": c.presenting,
+                    "accepted": c.accepted,
+                    "trust": str(c.trust),
+                    "why": c.why,
+                }
+                for c in cells
+            ]
+        )
+        return
+    names = list(federation.meshes)
+    symbol = {"own mesh": "own", "federation": "yes", "shared root only": "root*", "none": "-"}
+    rows = [[a, *(symbol[str(federation.cell(a, p).trust)] for p in names)] for a in names]
+    click.echo("rows accept identities of columns")
+    click.echo(_table(rows, ("ACCEPTS \\ FROM", *names)))
+    if any(c.trust.value == "shared root only" for c in cells):
+        click.echo(
+            "root*: the chain verifies through a shared root, but the trust-domain check rejects it"
+        )
+    _findings(federation)
+
+
+@trust.command("graph")
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    type=click.Choice(["dot", "mermaid", "svg"]),
+    default="dot",
+    show_default=True,
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Write to a file instead of stdout.")
+@click.pass_obj
+def trust_graph(obj: Context, fmt: str, out: Path | None) -> None:
+    """Meshes, their providers and federations, as DOT, Mermaid or SVG."""
+    federation = obj.workspace().federation()
+    text = {"dot": graph.to_dot, "mermaid": graph.to_mermaid, "svg": graph.to_svg}[fmt](federation)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        write_atomic(out, text.encode())
+        click.echo(f"wrote {out}")
+
+
+@cli.group("federation")
+def federation_group() -> None:
+    """What each mesh's istiod needs to accept its federated peers."""
+
+
+@federation_group.command("export")
+@click.option("--mesh", required=True, help="The mesh whose istiod the fragment is for.")
+@click.option(
+    "-o", "--output", type=click.Choice(["meshconfig"]), default="meshconfig", show_default=True
+)
+@click.option(
+    "--multi-root/--aliases-only",
+    default=None,
+    help="Add caCertificates entries (default: when a cluster of the mesh has istio.multiRoot).",
+)
+@click.pass_obj
+def federation_export(obj: Context, mesh: str, output: str, multi_root: bool | None) -> None:
+    """The meshConfig fragment to merge into istiod's Helm values."""
+    ws = obj.workspace()
+    _known_mesh(ws, mesh)
+    if multi_root is None:
+        multi_root = any(c.istio.multi_root for c in ws.config.meshes[mesh].clusters.values())
+    fragment = mesh_config_fragment(ws.federation(), mesh, multi_root=multi_root)
+    click.echo(yaml.safe_dump(fragment, sort_keys=False), nl=False)
+
+
+@cli.group("bundle")
+def bundle_group() -> None:
+    """SPIFFE trust bundles, for exchange with SPIRE and Istio's spiffeBundleUrl."""
+
+
+@bundle_group.command("export")
+@click.option("--mesh", required=True, help="The mesh whose roots the bundle carries.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write to a file instead of stdout.")
+@click.option(
+    "--refresh-hint", default=300, show_default=True, help="spiffe_refresh_hint, in seconds."
+)
+@click.pass_obj
+def bundle_export(obj: Context, mesh: str, out: Path | None, refresh_hint: int) -> None:
+    """The mesh's SPIFFE bundle (JWKS); spiffe_sequence increases whenever its roots change."""
+    ws = obj.workspace()
+    _known_mesh(ws, mesh)
+    roots = ws.federation().meshes[mesh].roots
+    if not roots:
+        raise click.UsageError(f"mesh {mesh} has no root yet; run `trustmgr bootstrap` first")
+    data = spiffe_export(ws, mesh, roots, refresh_hint)
+    if out is None:
+        click.echo(data.decode(), nl=False)
+    else:
+        write_atomic(out, data)
+        click.echo(f"wrote {out}")
+
+
+def _known_mesh(ws: Workspace, mesh: str) -> None:
+    if mesh not in ws.config.meshes:
+        known = ", ".join(ws.config.meshes)
+        raise click.BadParameter(f"unknown mesh {mesh!r} (known: {known})", param_hint="--mesh")
 
 
 STARTER_CONFIG = """\

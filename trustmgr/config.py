@@ -104,11 +104,44 @@ class IntermediatesConfig(Model):
         return self
 
 
+class SpiffeBundleSource(Model):
+    """Where an external mesh publishes its SPIFFE trust bundle (JWKS)."""
+
+    file: str | None = None
+    url: str | None = Field(default=None, pattern=r"^https://")
+    ca_file: str | None = None
+    """CA bundle to verify the URL's server with; the system's by default."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SpiffeBundleSource:
+        if (self.file is None) == (self.url is None):
+            raise ValueError("set exactly one of file or url")
+        return self
+
+
+class ExternalMeshConfig(Model):
+    """A mesh trustmgr does not issue for (a SPIRE-run or partner mesh): only its roots."""
+
+    spiffe_bundle: SpiffeBundleSource
+
+
 class MeshConfig(Model):
+    """A mesh trustmgr issues for (provider and clusters), or an external one."""
+
     trust_domain: TrustDomain
-    provider: str
-    clusters: dict[str, ClusterConfig] = Field(min_length=1)
+    provider: str | None = None
+    clusters: dict[str, ClusterConfig] = {}
     intermediates: IntermediatesConfig | None = None
+    external: ExternalMeshConfig | None = None
+
+    @model_validator(mode="after")
+    def _issued_or_external(self) -> MeshConfig:
+        if self.external is not None:
+            if self.provider or self.clusters or self.intermediates:
+                raise ValueError("an external mesh has only trustDomain and external")
+        elif not self.provider or not self.clusters:
+            raise ValueError("a mesh needs a provider and at least one cluster, or external")
+        return self
 
 
 class FederationConfig(Model):

@@ -11,15 +11,19 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
+
 from providers import Clock, Provider, ProviderError, ProviderTransientError
 from providers.selfsigned import SelfSignedProvider
-from trustmgr.bundles import TrustBundle
+from trustmgr import external, spiffe
+from trustmgr.bundles import fingerprint
 from trustmgr.config import ClusterConfig, Config
-from trustmgr.errors import TargetError, TrustmgrError
+from trustmgr.errors import BadInputError, TargetError, TrustmgrError
+from trustmgr.federation import Federation, MeshRoots, order_bundle
 from trustmgr.pki import (
     CACerts,
     assemble,
@@ -36,8 +40,9 @@ from trustmgr.planner import (
     Plan,
     plan,
 )
+from trustmgr.spiffe import SpiffeBundle
 from trustmgr.state.file import FileStateStore
-from trustmgr.state.model import ClusterRecord, State
+from trustmgr.state.model import BundleRecord, ClusterRecord, State
 from trustmgr.targets import Target
 from trustmgr.targets.directory import DirectoryTarget
 from trustmgr.upstream import build_provider
@@ -95,6 +100,7 @@ class Workspace:
     providers: dict[str, Provider]
     targets: dict[str, Target]
     meshes_of: dict[str, str] = field(default_factory=dict)
+    _external: dict[str, SpiffeBundle] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -115,24 +121,40 @@ class Workspace:
         meshes_of = {cluster: mesh for mesh, cluster, _ in config.clusters()}
         return cls(config, clock, store, providers, targets, meshes_of)
 
-    def bundles(self) -> dict[str, TrustBundle | None]:
-        """Each mesh's trust bundle: its own roots, then those of the meshes it
-        federates with. None while one of them has no root yet."""
-        roots = {name: p.roots() for name, p in self.providers.items()}
-        out: dict[str, TrustBundle | None] = {}
-        for mesh_name in self.config.meshes:
-            members = [mesh_name, *self.config.federated_with(mesh_name)]
-            providers = [self.config.meshes[m].provider for m in members]
-            if any(not roots[p] for p in providers):
-                out[mesh_name] = None
-                continue
-            out[mesh_name] = TrustBundle.of(root for p in providers for root in roots[p])
-        return out
+    def federation(self) -> Federation:
+        """Every mesh with its current roots: providers' for issued meshes, the
+        imported SPIFFE bundle for external ones."""
+        provider_roots = {name: p.roots() for name, p in self.providers.items()}
+        meshes = {}
+        for name, mesh in self.config.meshes.items():
+            if mesh.external is not None:
+                roots = self.external_bundle(name).roots
+            else:
+                assert mesh.provider is not None
+                roots = provider_roots[mesh.provider]
+            meshes[name] = MeshRoots(name, mesh.trust_domain, roots, mesh.provider)
+        return Federation(self.config, meshes)
 
-    def desired(self) -> list[DesiredCluster]:
-        bundles = self.bundles()
+    def external_bundle(self, mesh: str) -> SpiffeBundle:
+        if mesh not in self._external:
+            source = self.config.meshes[mesh].external
+            assert source is not None
+            data, where = external.fetch(source.spiffe_bundle, mesh=mesh)
+            self._external[mesh] = spiffe.decode(data, source=where, now=self.clock())
+        return self._external[mesh]
+
+    def desired(
+        self, federation: Federation, observed: dict[str, ObservedCluster]
+    ) -> list[DesiredCluster]:
+        """Each cluster's desired state; its bundle keeps the order of what the
+        cluster holds now, so that istiod can hot-reload the change."""
+        bundles = {mesh: federation.bundle(mesh) for mesh in self.config.meshes}
         out = []
         for mesh_name, cluster, cfg in self.config.clusters():
+            bundle = bundles[mesh_name]
+            seen = observed[cluster]
+            if bundle is not None and seen.material is not None:
+                bundle = order_bundle(bundle, seen.material.bundle)
             mesh = self.config.meshes[mesh_name]
             inter = self.config.intermediates_for(mesh_name)
             out.append(
@@ -140,11 +162,11 @@ class Workspace:
                     name=cluster,
                     mesh=mesh_name,
                     trust_domain=mesh.trust_domain,
-                    provider=mesh.provider,
+                    provider=mesh.provider or "",
                     key_algorithm=inter.key_algorithm,
                     ttl=inter.ttl,
                     renew_before=inter.renew_before,
-                    bundle=bundles[mesh_name],
+                    bundle=bundle,
                     istio_version=cfg.istio.version,
                     multi_root=cfg.istio.multi_root,
                 )
@@ -173,14 +195,43 @@ class Workspace:
             {n: r[1] for n, r in zip(names, results, strict=True)},
         )
 
-    def plan(self, state: State, workers: int = 16) -> tuple[Plan, dict[str, CACerts | None]]:
-        missing = [
-            name
-            for name, p in self.providers.items()
-            if isinstance(p, SelfSignedProvider) and not p.roots()
-        ]
+    def plan(self, state: State, workers: int = 16) -> Pass:
+        """Observe everything once and decide. Refuses a federation that would
+        merge two meshes into one."""
+        federation = self.federation()
+        for mesh, bundle in self._external.items():
+            seen = state.imported.get(mesh)
+            if seen and bundle.sequence is not None and bundle.sequence < seen.sequence:
+                raise BadInputError(
+                    f"mesh {mesh}: the SPIFFE bundle's sequence went backwards ({bundle.sequence} < "
+                    f"{seen.sequence}); refusing a possibly replayed bundle"
+                )
+        errors = [f.message for f in federation.findings() if f.level == "error"]
+        if errors:
+            raise BadInputError(errors[0])
+        missing = [name for name, m in federation.meshes.items() if not m.roots and m.provider]
         observed, materials = self.observe(state, workers)
-        return plan(self.desired(), observed, missing, self.clock()), materials
+        desired = self.desired(federation, observed)
+        decided = plan(
+            desired, observed, sorted(set(missing_providers(self, missing))), self.clock()
+        )
+        return Pass(decided, materials, {d.name: d for d in desired}, federation)
+
+
+def missing_providers(ws: Workspace, meshes: list[str]) -> list[str]:
+    """Self-signed providers without a root yet, among those of ``meshes``."""
+    names = {ws.config.meshes[m].provider for m in meshes}
+    return [n for n in names if n and isinstance(ws.providers[n], SelfSignedProvider)]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One observation of the system and the plan made from it."""
+
+    plan: Plan
+    materials: dict[str, CACerts | None]
+    desired: dict[str, DesiredCluster]
+    federation: Federation
 
 
 @contextmanager
@@ -191,19 +242,19 @@ def _locked(ws: Workspace) -> Iterator[State]:
 
 def make_plan(ws: Workspace) -> Plan:
     """The plan, with no side effect beyond reading."""
-    state = ws.store.load()
-    return ws.plan(state)[0]
+    return ws.plan(ws.store.load()).plan
 
 
 def apply(ws: Workspace, *, workers: int = 16) -> Report:
     """Bring every target to the desired state. Writes nothing when converged."""
-    first, _ = ws.plan(ws.store.load(), workers)
+    first = ws.plan(ws.store.load(), workers).plan
     if not first.pending:
         return Report(first, tuple(_outcome(c, ok=True) for c in first.clusters))
     _preflight(ws, first)
     with _locked(ws) as state:
         # Observed again under the lock: another run may have acted since.
-        first, materials = ws.plan(state, workers)
+        current = ws.plan(state, workers)
+        first = current.plan
         created = []
         for provider_plan in first.providers:
             provider = ws.providers[provider_plan.provider]
@@ -211,25 +262,51 @@ def apply(ws: Workspace, *, workers: int = 16) -> Report:
             provider.create_root()
             log.info("created the root of provider %s", provider_plan.provider)
             created.append(provider_plan.provider)
-        current = first
         if created:  # the bundles now hold the new roots
-            current, materials = ws.plan(state, workers)
-        desired = {d.name: d for d in ws.desired()}
+            current = ws.plan(state, workers)
+        clusters = current.plan.clusters
         results: list[tuple[ClusterOutcome, ClusterRecord | None]]
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(current.clusters)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(clusters)))) as pool:
             results = list(
                 pool.map(
-                    lambda c: _apply_cluster(ws, c, desired[c.cluster], materials[c.cluster]),
-                    current.clusters,
+                    lambda c: _apply_cluster(
+                        ws, c, current.desired[c.cluster], current.materials[c.cluster]
+                    ),
+                    clusters,
                 )
             )
-        new_state = state
+        new_state = _with_imports(state, ws)
         for outcome, record in results:
             if record is not None:
                 new_state = new_state.with_cluster(outcome.cluster, record)
         if new_state is not state:
             ws.store.save(new_state)
-        return Report(current, tuple(o for o, _ in results), tuple(created))
+        return Report(current.plan, tuple(o for o, _ in results), tuple(created))
+
+
+def spiffe_export(
+    ws: Workspace, mesh: str, roots: tuple[x509.Certificate, ...], refresh_hint: int
+) -> bytes:
+    """The mesh's SPIFFE bundle; its sequence is bumped, and recorded, whenever
+    the roots differ from the last export."""
+    fingerprints = tuple(fingerprint(r) for r in roots)
+    with _locked(ws) as state:
+        record = state.exported.get(mesh)
+        if record is None or record.fingerprints != fingerprints:
+            record = BundleRecord((record.sequence if record else 0) + 1, fingerprints)
+            ws.store.save(replace(state, exported={**state.exported, mesh: record}))
+    return spiffe.encode(roots, sequence=record.sequence, refresh_hint=refresh_hint)
+
+
+def _with_imports(state: State, ws: Workspace) -> State:
+    """Record the sequence of every imported bundle, so that a replay is refused."""
+    imported = dict(state.imported)
+    for mesh, bundle in ws._external.items():
+        if bundle.sequence is not None:
+            imported[mesh] = BundleRecord(
+                bundle.sequence, tuple(fingerprint(r) for r in bundle.roots)
+            )
+    return state if imported == state.imported else replace(state, imported=imported)
 
 
 def _preflight(ws: Workspace, first: Plan) -> None:
@@ -247,7 +324,7 @@ def _preflight(ws: Workspace, first: Plan) -> None:
             problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
         )
     signing = {
-        ws.config.meshes[c.mesh].provider
+        ws.config.meshes[c.mesh].provider or ""
         for c in first.clusters
         if c.action in (Action.ISSUE, Action.RENEW)
     }

@@ -8,6 +8,7 @@ from typing import Any
 
 from trustmgr.engine import Workspace
 from trustmgr.errors import TargetError
+from trustmgr.federation import Federation
 from trustmgr.pki import observe
 
 
@@ -87,8 +88,13 @@ def cluster_status(ws: Workspace) -> list[ClusterStatus]:
     return rows
 
 
-def verify_cluster(ws: Workspace, cluster: str) -> list[str]:
-    """Every reason istiod or the policy would refuse this cluster's material."""
+def verify_all(ws: Workspace) -> dict[str, list[str]]:
+    """Per cluster, every reason istiod or the policy would refuse its material."""
+    federation = ws.federation()
+    return {cluster: verify_cluster(ws, cluster, federation) for cluster in ws.targets}
+
+
+def verify_cluster(ws: Workspace, cluster: str, federation: Federation) -> list[str]:
     mesh = ws.config.meshes[ws.meshes_of[cluster]]
     try:
         material = ws.targets[cluster].read()
@@ -98,7 +104,7 @@ def verify_cluster(ws: Workspace, cluster: str) -> list[str]:
         return ["no cacerts; run `trustmgr bootstrap`"]
     seen = observe(material, trust_domain=mesh.trust_domain, now=ws.clock())
     problems = list(seen.problems)
-    bundle = ws.bundles()[ws.meshes_of[cluster]]
+    bundle = federation.bundle(ws.meshes_of[cluster])
     if bundle is not None:
         missing = set(bundle.fingerprints) - set(seen.bundle)
         extra = set(seen.bundle) - set(bundle.fingerprints)

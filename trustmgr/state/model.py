@@ -48,20 +48,41 @@ class ClusterRecord:
 
 
 @dataclass(frozen=True)
+class BundleRecord:
+    """A SPIFFE bundle's sequence number and the roots it had then."""
+
+    sequence: int
+    fingerprints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class State:
-    """``version`` increases on every save; a save carrying a stale version is refused."""
+    """``version`` increases on every save; a save carrying a stale version is refused.
+
+    ``exported`` holds the SPIFFE bundles trustmgr published per mesh;
+    ``imported`` the last bundle accepted from each external mesh."""
 
     version: int = 0
     clusters: dict[str, ClusterRecord] = field(default_factory=dict)
+    exported: dict[str, BundleRecord] = field(default_factory=dict)
+    imported: dict[str, BundleRecord] = field(default_factory=dict)
 
     def with_cluster(self, name: str, record: ClusterRecord) -> State:
         return replace(self, clusters={**self.clusters, name: record})
 
     def to_json(self) -> dict[str, Any]:
+        def bundles(records: dict[str, BundleRecord]) -> dict[str, Any]:
+            return {
+                k: {"sequence": r.sequence, "fingerprints": list(r.fingerprints)}
+                for k, r in sorted(records.items())
+            }
+
         return {
             "format": FORMAT,
             "version": self.version,
             "clusters": {name: r.to_json() for name, r in sorted(self.clusters.items())},
+            "exported": bundles(self.exported),
+            "imported": bundles(self.imported),
         }
 
     @classmethod
@@ -72,9 +93,18 @@ class State:
                     f"{source}: state format {data.get('format')!r} is not {FORMAT}; "
                     "use the trustmgr version that wrote it"
                 )
+
+            def bundles(key: str) -> dict[str, BundleRecord]:
+                return {
+                    str(k): BundleRecord(int(v["sequence"]), tuple(map(str, v["fingerprints"])))
+                    for k, v in data.get(key, {}).items()
+                }
+
             return cls(
                 version=int(data["version"]),
                 clusters={str(k): ClusterRecord.from_json(v) for k, v in data["clusters"].items()},
+                exported=bundles("exported"),
+                imported=bundles("imported"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(
