@@ -83,33 +83,91 @@ class SelfSignedConfig(Model):
         return self
 
 
+def _one_source(what: str, **sources: str | None) -> None:
+    """Exactly one of ``sources`` is set; the error names them in camelCase."""
+    chosen = [key for key, value in sources.items() if value]
+    if len(chosen) != 1:
+        names = ", ".join(to_camel(key) for key in sources)
+        raise ValueError(f"set exactly one of {names} for the {what}")
+
+
+def _vault_path(value: str) -> str:
+    path = value.strip("/")
+    if not path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise ValueError("must be a Vault path such as pki or team/pki")
+    return path
+
+
+VaultPath = Annotated[str, AfterValidator(_vault_path)]
+
+
 class VaultTokenAuth(Model):
-    """A token from an environment variable (default VAULT_TOKEN) or a file."""
+    """A token read from an environment variable (default VAULT_TOKEN) or a file.
+
+    The source is read again when Vault rejects the token, so a file kept
+    current by Vault Agent is followed; a token cannot log in again by itself.
+    """
 
     env: str | None = None
     file: str | None = None
 
+    @model_validator(mode="after")
+    def _at_most_one_source(self) -> VaultTokenAuth:
+        if self.env and self.file:
+            raise ValueError("set env or file for the token, not both")
+        return self
+
+    @property
+    def source(self) -> str:
+        if self.file:
+            return f"file {self.file}"
+        return f"environment variable {self.env or 'VAULT_TOKEN'}"
+
 
 class VaultAppRoleAuth(Model):
-    mount: str = "approle"
+    """AppRole login: a role id (inline, file or env) and a secret id (file or env)."""
+
+    mount: VaultPath = "approle"
     role_id: str | None = None
     role_id_file: str | None = None
     role_id_env: str | None = None
     secret_id_file: str | None = None
     secret_id_env: str | None = None
 
+    @model_validator(mode="after")
+    def _one_source_each(self) -> VaultAppRoleAuth:
+        _one_source(
+            "role id",
+            role_id=self.role_id,
+            role_id_file=self.role_id_file,
+            role_id_env=self.role_id_env,
+        )
+        _one_source(
+            "secret id", secret_id_file=self.secret_id_file, secret_id_env=self.secret_id_env
+        )
+        return self
+
 
 class VaultKubernetesAuth(Model):
-    role: str
-    mount: str = "kubernetes"
+    """Kubernetes login with the pod's service-account token, read at every login."""
+
+    role: str = Field(min_length=1)
+    mount: VaultPath = "kubernetes"
     token_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
 class VaultJwtAuth(Model):
-    role: str
-    mount: str = "jwt"
+    """JWT/OIDC login with a JWT from a file or an environment variable, read at every login."""
+
+    role: str = Field(min_length=1)
+    mount: VaultPath = "jwt"
     jwt_file: str | None = None
     jwt_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_jwt_source(self) -> VaultJwtAuth:
+        _one_source("JWT", jwt_file=self.jwt_file, jwt_env=self.jwt_env)
+        return self
 
 
 class VaultAuth(Model):
@@ -128,36 +186,32 @@ class VaultAuth(Model):
         return self
 
 
-class VaultConfig(Model):
-    """Vault or OpenBao PKI secrets engine."""
+def _vault_address(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError("must be an http:// or https:// URL, e.g. https://vault.example.com:8200")
+    return value.rstrip("/")
 
-    address: str
+
+class VaultConfig(Model):
+    """Vault or OpenBao PKI secrets engine. Holds no secret: credentials are
+    named by where to read them (environment variable or file)."""
+
+    address: Annotated[str, AfterValidator(_vault_address)]
     namespace: str | None = None
     ca_cert: str | None = None
     tls_skip_verify: bool = False
-    mount: str = "pki"
-    issuer: str | None = None
+    mount: VaultPath = "pki"
+    issuer: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     ttl: Duration | None = None
     timeout: Duration = timedelta(seconds=30)
+    max_retries: int = Field(default=2, ge=0, le=10)
     auth: VaultAuth = VaultAuth(token=VaultTokenAuth())
 
-
-AcmPcaSigningAlgorithm = Literal[
-    "SHA256WITHECDSA",
-    "SHA384WITHECDSA",
-    "SHA512WITHECDSA",
-    "SHA256WITHRSA",
-    "SHA384WITHRSA",
-    "SHA512WITHRSA",
-    "SHA256WITHRSA_PSS",
-    "SHA384WITHRSA_PSS",
-    "SHA512WITHRSA_PSS",
-    "SM3WITHSM2",
-    "ML_DSA_44",
-    "ML_DSA_65",
-    "ML_DSA_87",
-]
-"""IssueCertificate's SigningAlgorithm values (AWS Private CA API, 2017-08-22)."""
+    @model_validator(mode="after")
+    def _one_tls_choice(self) -> VaultConfig:
+        if self.ca_cert and self.tls_skip_verify:
+            raise ValueError("set caCert or tlsSkipVerify, not both")
+        return self
 
 
 class AcmPcaConfig(Model):
@@ -176,7 +230,25 @@ class AcmPcaConfig(Model):
     assume_role_arn: str | None = Field(
         default=None, pattern=r"^arn:aws[\w-]*:iam::\d{12}:role/[\w+=,.@/-]+$"
     )
-    signing_algorithm: AcmPcaSigningAlgorithm | None = None
+    # IssueCertificate's SigningAlgorithm values (AWS Private CA API 2017-08-22).
+    signing_algorithm: (
+        Literal[
+            "SHA256WITHECDSA",
+            "SHA384WITHECDSA",
+            "SHA512WITHECDSA",
+            "SHA256WITHRSA",
+            "SHA384WITHRSA",
+            "SHA512WITHRSA",
+            "SHA256WITHRSA_PSS",
+            "SHA384WITHRSA_PSS",
+            "SHA512WITHRSA_PSS",
+            "SM3WITHSM2",
+            "ML_DSA_44",
+            "ML_DSA_65",
+            "ML_DSA_87",
+        ]
+        | None
+    ) = None
     template_arn: str | None = Field(
         default=None, pattern=r"^arn:aws[\w-]*:acm-pca:::template/\w+/V\d+$"
     )

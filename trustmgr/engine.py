@@ -8,7 +8,7 @@ and one cluster failing never stops the others."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -110,16 +110,20 @@ class Workspace:
         clock: Clock,
         target_factory: TargetFactory = default_target,
         store: FileStateStore | None = None,
+        providers: Mapping[str, Provider] | None = None,
     ) -> Workspace:
+        """``providers`` replaces the providers built from the configuration,
+        by name: the seam for a provider whose remote side cannot run here."""
         store = store or FileStateStore(Path(config.state_store.file.path).expanduser())
-        providers = {
-            name: build_provider(name, p, blobs=store.blobs(), clock=clock)
+        given = providers or {}
+        built = {
+            name: given.get(name) or build_provider(name, p, blobs=store.blobs(), clock=clock)
             for name, p in config.providers.items()
             if any(m.provider == name for m in config.meshes.values())
         }
         targets = {cluster: target_factory(cluster, c) for _, cluster, c in config.clusters()}
         meshes_of = {cluster: mesh for mesh, cluster, _ in config.clusters()}
-        return cls(config, clock, store, providers, targets, meshes_of)
+        return cls(config, clock, store, built, targets, meshes_of)
 
     def federation(self) -> Federation:
         """Every mesh with its current roots: providers' for issued meshes, the

@@ -1,0 +1,973 @@
+"""The AWS Private CA provider.
+
+Three seams, each where the remote side cannot run here:
+
+* botocore's ``Stubber`` on a real client: the exact requests (CSR bytes,
+  template, signing algorithm, validity from the injected clock, idempotency
+  token) and answers carrying certificates the test builds as AWS would with the
+  template, including RequestInProgressException polls and every error class;
+* ``StubbedPca``: the Stubber answering dynamically for the conformance suite;
+* moto's ACM PCA over HTTP (``MotoServer``): the call sequence, botocore's own
+  retries, assume-role, and the core refusing moto's non-CA certificates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse
+from botocore.compat import HTTPHeaders
+from botocore.exceptions import ClientError
+from botocore.model import OperationModel
+from botocore.stub import Stubber
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from pydantic import ValidationError
+
+from providers import Provider, ProviderNeedsFixError, ProviderTransientError
+from providers.acmpca import AcmPcaProvider, build_client, default_template_arn
+from providers.config import AcmPcaConfig
+from providers.keys import KeyAlgorithm
+from tests.conformance import ProviderConformance
+from tests.moto_server import MotoServer
+from tests.workload import assert_openssl_enforces_trust_domain
+from trustmgr.bundles import load_certificates
+from trustmgr.config import load as load_config
+from trustmgr.engine import Workspace, apply
+from trustmgr.errors import ProviderAnswerError
+from trustmgr.inspect import verify_all
+from trustmgr.pki import check_signed_ca, cluster_ca_request, uri_sans
+
+if TYPE_CHECKING:
+    from mypy_boto3_acm_pca.client import ACMPCAClient
+
+REGION = "us-east-1"
+ARN = f"arn:aws:acm-pca:{REGION}:111122223333:certificate-authority/0e1f2a3b-4c5d-6e7f-8091-a2b3c4d5e6f7"
+TEMPLATE = "arn:aws:acm-pca:::template/SubordinateCACertificate_PathLen0_CSRPassthrough/V1"
+CERT_ARN = f"{ARN}/certificate/6f0c2e9a1b7d4c3e8a5f0b1c2d3e4f50"
+NOW = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
+TRUST_DOMAIN = "payments.corp"
+KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+DOCS = "docs/providers/acmpca.md"
+
+
+def _pem(*certs: x509.Certificate) -> str:
+    return "".join(c.public_bytes(Encoding.PEM).decode() for c in certs)
+
+
+def _ca_usage(*, digital_signature: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@dataclass(frozen=True)
+class Authority:
+    """What the test plays AWS with: a root, and the private CA that issues
+    (the root itself, or a subordinate of it)."""
+
+    root: x509.Certificate
+    ca: x509.Certificate
+    ca_key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def create(
+        cls, now: datetime, *, subordinate: bool = True, lifetime: timedelta = timedelta(days=3650)
+    ) -> Authority:
+        root_key = ec.generate_private_key(ec.SECP256R1())
+        root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test PCA Root")])
+        root = (
+            x509.CertificateBuilder()
+            .subject_name(root_name)
+            .issuer_name(root_name)
+            .public_key(root_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_ca_usage(digital_signature=False), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False
+            )
+            .sign(root_key, hashes.SHA256())
+        )
+        if not subordinate:
+            return cls(root=root, ca=root, ca_key=root_key)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test PCA")]))
+            .issuer_name(root_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(_ca_usage(digital_signature=True), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+                critical=False,
+            )
+            .sign(root_key, hashes.SHA256())
+        )
+        return cls(root=root, ca=ca, ca_key=ca_key)
+
+    @property
+    def above(self) -> tuple[x509.Certificate, ...]:
+        """The certificates above the private CA, root last."""
+        return () if self.ca == self.root else (self.root,)
+
+    def sign(
+        self, csr: x509.CertificateSigningRequest, *, not_after: datetime, now: datetime
+    ) -> x509.Certificate:
+        """What AWS issues with SubordinateCACertificate_PathLen0_CSRPassthrough/V1:
+        the template's BasicConstraints and KeyUsage, SKI from the CSR's key,
+        AKI from the CA, every other CSR extension copied, notBefore 60 minutes
+        back (AWS's default)."""
+        template = (x509.BasicConstraints, x509.KeyUsage)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(self.ca.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=60))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_ca_usage(digital_signature=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), False
+            )
+        )
+        for ext in csr.extensions:
+            if not isinstance(ext.value, template):
+                builder = builder.add_extension(ext.value, critical=ext.critical)
+        return builder.sign(self.ca_key, hashes.SHA256())
+
+    def certificate_answer(self) -> dict[str, str]:
+        """GetCertificateAuthorityCertificate: a root CA has no chain."""
+        answer = {"Certificate": _pem(self.ca)}
+        if self.above:
+            answer["CertificateChain"] = _pem(*self.above)
+        return answer
+
+    def issued_answer(self, cert: x509.Certificate) -> dict[str, str]:
+        """GetCertificate: the chain runs issuer first, root last."""
+        return {"Certificate": _pem(cert), "CertificateChain": _pem(self.ca, *self.above)}
+
+
+def _described(status: str = "ACTIVE", signing: str = "SHA256WITHECDSA") -> dict[str, Any]:
+    return {
+        "CertificateAuthority": {
+            "Arn": ARN,
+            "Type": "SUBORDINATE",
+            "Status": status,
+            "UsageMode": "GENERAL_PURPOSE",
+            "CertificateAuthorityConfiguration": {
+                "KeyAlgorithm": "EC_prime256v1",
+                "SigningAlgorithm": signing,
+                "Subject": {"CommonName": "Test PCA"},
+            },
+        }
+    }
+
+
+def _token(csr: x509.CertificateSigningRequest) -> str:
+    return hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest()[:32]
+
+
+def _config(**overrides: Any) -> AcmPcaConfig:
+    return AcmPcaConfig.model_validate(
+        {"certificateAuthorityArn": ARN, "region": REGION, **overrides}
+    )
+
+
+def _provider(
+    client: ACMPCAClient, *, clock: Callable[[], datetime] = lambda: NOW, **config: Any
+) -> AcmPcaProvider:
+    return AcmPcaProvider("pca", _config(**config), clock, client, poll_seconds=0)
+
+
+@pytest.fixture
+def pca_client() -> Iterator[ACMPCAClient]:
+    client = boto3.client(
+        "acm-pca", region_name=REGION, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET
+    )
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def stubber(pca_client: ACMPCAClient) -> Iterator[Stubber]:
+    with Stubber(pca_client) as stub:
+        yield stub
+
+
+def _expect_start(stub: Stubber, authority: Authority, signing: str = "SHA256WITHECDSA") -> None:
+    params = {"CertificateAuthorityArn": ARN}
+    stub.add_response("describe_certificate_authority", _described(signing=signing), params)
+    stub.add_response(
+        "get_certificate_authority_certificate", authority.certificate_answer(), params
+    )
+
+
+def _expect_polls(
+    stub: Stubber, authority: Authority, cert: x509.Certificate, *, in_progress: int
+) -> None:
+    params = {"CertificateAuthorityArn": ARN, "CertificateArn": CERT_ARN}
+    for _ in range(in_progress):
+        stub.add_client_error(
+            "get_certificate",
+            service_error_code="RequestInProgressException",
+            service_message="The certificate is being issued",
+            http_status_code=400,
+            expected_params=params,
+        )
+    stub.add_response("get_certificate", authority.issued_answer(cert), params)  # waiter
+    stub.add_response("get_certificate", authority.issued_answer(cert), params)  # the read
+
+
+# --- exact requests -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subordinate", [True, False], ids=["pca-is-subordinate", "pca-is-root"])
+def test_issues_with_the_exact_request_and_returns_the_chain_without_the_root(
+    pca_client: ACMPCAClient, stubber: Stubber, subordinate: bool
+) -> None:
+    authority = Authority.create(NOW, subordinate=subordinate)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    issued = authority.sign(request.csr, not_after=NOW + timedelta(days=30), now=NOW)
+    _expect_start(stubber, authority, signing="SHA384WITHECDSA")
+    stubber.add_response(
+        "issue_certificate",
+        {"CertificateArn": CERT_ARN},
+        {
+            "CertificateAuthorityArn": ARN,
+            "Csr": request.csr.public_bytes(Encoding.PEM),
+            "SigningAlgorithm": "SHA384WITHECDSA",  # the CA's own, from Describe
+            "TemplateArn": TEMPLATE,
+            "Validity": {"Type": "ABSOLUTE", "Value": 1932724800},  # NOW + 30 days
+            "IdempotencyToken": _token(request.csr),
+        },
+    )
+    _expect_polls(stubber, authority, issued, in_progress=1)
+
+    answer = _provider(pca_client).sign_ca(request.csr, timedelta(days=30))
+
+    stubber.assert_no_pending_responses()
+    assert answer.chain == ((issued, authority.ca) if subordinate else (issued,))
+    assert answer.roots == (authority.root,)
+    root = check_signed_ca(answer, request, TRUST_DOMAIN, provider="pca", now=NOW)
+    assert root == authority.root
+
+
+def test_configured_signing_algorithm_and_template_win(
+    pca_client: ACMPCAClient, stubber: Stubber
+) -> None:
+    template = "arn:aws:acm-pca:::template/SubordinateCACertificate_PathLen0_APICSRPassthrough/V1"
+    authority = Authority.create(NOW)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    issued = authority.sign(request.csr, not_after=NOW + timedelta(hours=1), now=NOW)
+    _expect_start(stubber, authority, signing="SHA384WITHECDSA")
+    stubber.add_response(
+        "issue_certificate",
+        {"CertificateArn": CERT_ARN},
+        {
+            "CertificateAuthorityArn": ARN,
+            "Csr": request.csr.public_bytes(Encoding.PEM),
+            "SigningAlgorithm": "SHA256WITHECDSA",
+            "TemplateArn": template,
+            "Validity": {"Type": "ABSOLUTE", "Value": int((NOW + timedelta(hours=1)).timestamp())},
+            "IdempotencyToken": _token(request.csr),
+        },
+    )
+    _expect_polls(stubber, authority, issued, in_progress=0)
+    provider = _provider(pca_client, signingAlgorithm="SHA256WITHECDSA", templateArn=template)
+    provider.sign_ca(request.csr, timedelta(hours=1))
+    stubber.assert_no_pending_responses()
+
+
+def test_validity_is_cut_to_the_private_cas_not_after(
+    pca_client: ACMPCAClient, stubber: Stubber
+) -> None:
+    authority = Authority.create(NOW, lifetime=timedelta(days=10))
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    ca_end = authority.ca.not_valid_after_utc
+    issued = authority.sign(request.csr, not_after=ca_end, now=NOW)
+    _expect_start(stubber, authority)
+    stubber.add_response(
+        "issue_certificate",
+        {"CertificateArn": CERT_ARN},
+        {
+            "CertificateAuthorityArn": ARN,
+            "Csr": request.csr.public_bytes(Encoding.PEM),
+            "SigningAlgorithm": "SHA256WITHECDSA",
+            "TemplateArn": TEMPLATE,
+            "Validity": {"Type": "ABSOLUTE", "Value": int(ca_end.timestamp())},
+            "IdempotencyToken": _token(request.csr),
+        },
+    )
+    _expect_polls(stubber, authority, issued, in_progress=0)
+    answer = _provider(pca_client).sign_ca(request.csr, timedelta(days=30))
+    assert answer.chain[0].not_valid_after_utc == ca_end
+
+
+def test_a_retried_issuance_sends_the_same_idempotency_token(
+    pca_client: ACMPCAClient, stubber: Stubber
+) -> None:
+    authority = Authority.create(NOW)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    later = NOW + timedelta(minutes=2)
+    clock = iter([NOW, later])
+    issued = authority.sign(request.csr, not_after=NOW + timedelta(days=1), now=NOW)
+    _expect_start(stubber, authority)
+    issue = {
+        "CertificateAuthorityArn": ARN,
+        "Csr": request.csr.public_bytes(Encoding.PEM),
+        "SigningAlgorithm": "SHA256WITHECDSA",
+        "TemplateArn": TEMPLATE,
+        "IdempotencyToken": _token(request.csr),
+    }
+    stubber.add_client_error(
+        "issue_certificate",
+        service_error_code="ServiceUnavailable",
+        http_status_code=503,
+        expected_params={
+            **issue,
+            "Validity": {"Type": "ABSOLUTE", "Value": int((NOW + timedelta(days=1)).timestamp())},
+        },
+    )
+    stubber.add_response(
+        "get_certificate_authority_certificate",
+        authority.certificate_answer(),
+        {"CertificateAuthorityArn": ARN},
+    )
+    stubber.add_response(
+        "issue_certificate",
+        {"CertificateArn": CERT_ARN},
+        {
+            **issue,
+            "Validity": {
+                "Type": "ABSOLUTE",
+                "Value": int((later + timedelta(days=1)).timestamp()),
+            },
+        },
+    )
+    _expect_polls(stubber, authority, issued, in_progress=0)
+    provider = _provider(pca_client, clock=lambda: next(clock))
+    with pytest.raises(ProviderTransientError):
+        provider.sign_ca(request.csr, timedelta(days=1))
+    provider.sign_ca(request.csr, timedelta(days=1))
+    stubber.assert_no_pending_responses()
+
+
+def test_waiting_is_bounded_by_max_wait(pca_client: ACMPCAClient, stubber: Stubber) -> None:
+    authority = Authority.create(NOW)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    _expect_start(stubber, authority)
+    stubber.add_response("issue_certificate", {"CertificateArn": CERT_ARN})
+    for _ in range(3):  # maxWait 3s at one poll a second
+        stubber.add_client_error("get_certificate", "RequestInProgressException")
+    provider = _provider(pca_client, maxWait="3s")
+    with pytest.raises(ProviderTransientError, match=r"was not issued within 3s \(maxWait\)"):
+        provider.sign_ca(request.csr, timedelta(days=1))
+    stubber.assert_no_pending_responses()
+
+
+# --- the CA's state and AWS errors --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "advice"),
+    [
+        ("PENDING_CERTIFICATE", ProviderNeedsFixError, "install its CA certificate"),
+        ("DISABLED", ProviderNeedsFixError, "enable it"),
+        ("EXPIRED", ProviderNeedsFixError, "renew its CA certificate"),
+        ("DELETED", ProviderNeedsFixError, "restore it"),
+        ("FAILED", ProviderNeedsFixError, "create a new private CA"),
+        ("CREATING", ProviderTransientError, "it is still being created"),
+    ],
+)
+def test_a_ca_that_is_not_active_is_refused_on_first_use(
+    pca_client: ACMPCAClient,
+    stubber: Stubber,
+    status: str,
+    error: type[Exception],
+    advice: str,
+) -> None:
+    stubber.add_response("describe_certificate_authority", _described(status))
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    with pytest.raises(error) as info:
+        _provider(pca_client).sign_ca(request.csr, timedelta(days=1))
+    assert str(info.value).startswith(
+        f"provider pca: certificate authority {ARN} is {status}, not ACTIVE: {advice}"
+    )
+
+
+def _stub_failure(
+    stub: Stubber, authority: Authority, operation: str, code: str, status: int
+) -> None:
+    """Answer every call up to ``operation`` as AWS would, then fail it."""
+    order = [
+        "describe_certificate_authority",
+        "get_certificate_authority_certificate",
+        "issue_certificate",
+        "get_certificate",
+    ]
+    answers: dict[str, dict[str, Any]] = {
+        "describe_certificate_authority": _described(),
+        "get_certificate_authority_certificate": authority.certificate_answer(),
+        "issue_certificate": {"CertificateArn": CERT_ARN},
+    }
+    for method in order[: order.index(operation)]:
+        stub.add_response(method, answers[method])
+    stub.add_client_error(
+        operation,
+        service_error_code=code,
+        service_message=f"{code} for {KEY_ID}",  # AWS never sends a key id; masked anyway
+        http_status_code=status,
+    )
+
+
+IAM_HINT = f"allow it in the IAM policy (see {DOCS})"
+
+
+@pytest.mark.parametrize(
+    ("operation", "code", "status", "error", "message"),
+    [
+        (
+            "issue_certificate",
+            "AccessDeniedException",
+            400,
+            ProviderNeedsFixError,
+            f"provider pca: access denied for acm-pca:IssueCertificate on {ARN}: {IAM_HINT}",
+        ),
+        (
+            "describe_certificate_authority",
+            "AccessDeniedException",
+            400,
+            ProviderNeedsFixError,
+            f"provider pca: access denied for acm-pca:DescribeCertificateAuthority on {ARN}: "
+            f"{IAM_HINT}",
+        ),
+        (
+            "get_certificate_authority_certificate",
+            "AccessDeniedException",
+            400,
+            ProviderNeedsFixError,
+            f"provider pca: access denied for acm-pca:GetCertificateAuthorityCertificate "
+            f"on {ARN}: {IAM_HINT}",
+        ),
+        (  # the waiter's failure acceptor
+            "get_certificate",
+            "AccessDeniedException",
+            400,
+            ProviderNeedsFixError,
+            f"provider pca: access denied for acm-pca:GetCertificate on {ARN}: {IAM_HINT}",
+        ),
+        (
+            "describe_certificate_authority",
+            "UnrecognizedClientException",
+            400,
+            ProviderNeedsFixError,
+            f"provider pca: AWS rejected the credentials used for "
+            f"acm-pca:DescribeCertificateAuthority on {ARN} (UnrecognizedClientException): "
+            f"check the credentials trustmgr runs with (see {DOCS})",
+        ),
+        (
+            "describe_certificate_authority",
+            "ResourceNotFoundException",
+            400,
+            ProviderNeedsFixError,
+            "check certificateAuthorityArn and region",
+        ),
+        ("issue_certificate", "InvalidArgsException", 400, ProviderNeedsFixError, "check"),
+        ("issue_certificate", "ValidationException", 400, ProviderNeedsFixError, "templateArn"),
+        ("issue_certificate", "MalformedCSRException", 400, ProviderNeedsFixError, "the CSR"),
+        ("issue_certificate", "InvalidStateException", 400, ProviderNeedsFixError, "ACTIVE"),
+        ("issue_certificate", "ThrottlingException", 400, ProviderTransientError, "throttling"),
+        ("issue_certificate", "LimitExceededException", 400, ProviderTransientError, "quota"),
+        (
+            "issue_certificate",
+            "RequestInProgressException",
+            400,
+            ProviderTransientError,
+            "still in progress",
+        ),
+        ("issue_certificate", "InternalFailure", 500, ProviderTransientError, "unavailable"),
+        ("issue_certificate", "ServiceUnavailable", 503, ProviderTransientError, "unavailable"),
+        (  # an error the waiter has no acceptor for
+            "get_certificate",
+            "RequestFailedException",
+            400,
+            ProviderTransientError,
+            "could not complete",
+        ),
+    ],
+)
+def test_aws_errors_are_sorted_into_transient_and_needs_fix(
+    pca_client: ACMPCAClient,
+    stubber: Stubber,
+    operation: str,
+    code: str,
+    status: int,
+    error: type[Exception],
+    message: str,
+) -> None:
+    authority = Authority.create(NOW)
+    _stub_failure(stubber, authority, operation, code, status)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    with pytest.raises(error) as info:
+        _provider(pca_client).sign_ca(request.csr, timedelta(days=1))
+    text = str(info.value)
+    assert message in text
+    assert ARN in text
+    assert KEY_ID not in text and SECRET not in text
+    stubber.assert_no_pending_responses()
+
+
+def test_a_needs_fix_error_makes_the_next_use_check_the_ca_again(
+    pca_client: ACMPCAClient, stubber: Stubber
+) -> None:
+    authority = Authority.create(NOW)
+    _stub_failure(stubber, authority, "issue_certificate", "InvalidStateException", 400)
+    stubber.add_response("describe_certificate_authority", _described("DISABLED"))
+    provider = _provider(pca_client)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    with pytest.raises(ProviderNeedsFixError, match="InvalidStateException"):
+        provider.sign_ca(request.csr, timedelta(days=1))
+    with pytest.raises(ProviderNeedsFixError, match=f"{ARN} is DISABLED, not ACTIVE"):
+        provider.sign_ca(request.csr, timedelta(days=1))
+
+
+def test_a_denied_assume_role_names_sts_and_the_role(pca_client: ACMPCAClient) -> None:
+    role = "arn:aws:iam::111122223333:role/trustmgr-issuer"
+
+    def deny(**_: Any) -> None:
+        # botocore raises STS errors from inside the PCA call, while refreshing credentials.
+        error = {"Error": {"Code": "AccessDenied", "Message": "not authorized"}}
+        raise ClientError(error, "AssumeRole")  # type: ignore[arg-type]
+
+    pca_client.meta.events.register("before-call.acm-pca.DescribeCertificateAuthority", deny)
+    provider = _provider(pca_client, assumeRoleArn=role)
+    with pytest.raises(ProviderNeedsFixError) as info:
+        provider.roots()
+    assert str(info.value) == (
+        f"provider pca: access denied for sts:AssumeRole on {role}: {IAM_HINT}"
+    )
+
+
+# --- building the client, configuration -----------------------------------------------------
+
+
+def test_the_client_uses_botocore_retry_modes_region_and_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    config = _config(endpointUrl="https://pca.vpce.example", retryMode="adaptive", maxAttempts=7)
+    client = build_client("pca", config)
+    try:
+        assert client.meta.region_name == REGION
+        assert client.meta.endpoint_url == "https://pca.vpce.example"
+        retries = getattr(client.meta.config, "retries", None)  # untyped in botocore-stubs
+        assert retries == {"mode": "adaptive", "total_max_attempts": 7}
+    finally:
+        client.close()
+
+
+def test_constructing_the_provider_does_no_io() -> None:
+    provider = AcmPcaProvider("pca", _config(), lambda: NOW)
+    assert isinstance(provider, Provider)
+    assert provider.template_arn == TEMPLATE
+
+
+def test_the_core_imports_without_boto3() -> None:
+    code = (
+        "import sys; import providers.acmpca, providers.config; "
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')]; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_the_default_template_is_in_the_cas_partition() -> None:
+    gov = "arn:aws-us-gov:acm-pca:us-gov-west-1:111122223333:certificate-authority/abc"
+    assert default_template_arn(gov) == (
+        "arn:aws-us-gov:acm-pca:::template/SubordinateCACertificate_PathLen0_CSRPassthrough/V1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"region": "eu-west-1"}, "region eu-west-1 is not the region of certificateAuthorityArn"),
+        (
+            {"templateArn": "arn:aws-cn:acm-pca:::template/SubordinateCACertificate_PathLen0/V1"},
+            "templateArn is in partition aws-cn",
+        ),
+        ({"signingAlgorithm": "SHA1WITHRSA"}, "SHA256WITHECDSA"),
+        ({"certificateAuthorityArn": "arn:aws:acm-pca:us-east-1:1:ca/x"}, "pattern"),
+        ({"maxWait": "0s"}, "greater than zero"),
+        ({"retryMode": "legacy"}, "standard"),
+        ({"maxAttempts": 0}, "greater than or equal to 1"),
+        ({"assumeRoleArn": "trustmgr"}, "pattern"),
+        ({"accessKeyId": KEY_ID}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_configuration_is_refused(overrides: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        _config(**overrides)
+
+
+# --- conformance: the Stubber answering dynamically ----------------------------------------
+
+
+class StubbedPca:
+    """AWS Private CA played by an ``Authority`` behind botocore's Stubber.
+
+    The Stubber only serves answers queued in advance, but the CSR differs per
+    call. So each answer is computed from the call's own parameters and queued
+    on ``provide-client-params``, the event botocore emits before the Stubber
+    checks the parameters and serves the queue. The Stubber still validates
+    every answer against the service model. The first poll of each certificate
+    answers RequestInProgressException, as AWS may.
+    """
+
+    def __init__(self, client: ACMPCAClient, authority: Authority, clock: Callable[[], datetime]):
+        self._client = client
+        self._authority = authority
+        self._clock = clock
+        self._stubber = Stubber(client)
+        self._issued: dict[str, x509.Certificate] = {}
+        self._polled: set[str] = set()
+
+    def __enter__(self) -> StubbedPca:
+        self._client.meta.events.register("provide-client-params.acm-pca", self._answer)
+        self._stubber.activate()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stubber.deactivate()
+        self._client.meta.events.unregister("provide-client-params.acm-pca", self._answer)
+        self._stubber.assert_no_pending_responses()
+
+    def _answer(self, params: dict[str, Any], model: OperationModel, **_: Any) -> None:
+        stub, authority = self._stubber, self._authority
+        if model.name == "DescribeCertificateAuthority":
+            stub.add_response("describe_certificate_authority", _described(), params)
+        elif model.name == "GetCertificateAuthorityCertificate":
+            answer = authority.certificate_answer()
+            stub.add_response("get_certificate_authority_certificate", answer, params)
+        elif model.name == "IssueCertificate":
+            assert params["TemplateArn"] == TEMPLATE
+            assert params["SigningAlgorithm"] == "SHA256WITHECDSA"
+            assert params["Validity"]["Type"] == "ABSOLUTE"
+            csr = x509.load_pem_x509_csr(params["Csr"])
+            not_after = datetime.fromtimestamp(params["Validity"]["Value"], UTC)
+            cert = authority.sign(csr, not_after=not_after, now=self._clock())
+            arn = f"{ARN}/certificate/{cert.serial_number:x}"
+            self._issued[arn] = cert
+            stub.add_response("issue_certificate", {"CertificateArn": arn}, params)
+        elif model.name == "GetCertificate":
+            arn = params["CertificateArn"]
+            if arn not in self._polled:
+                self._polled.add(arn)
+                stub.add_client_error(
+                    "get_certificate", "RequestInProgressException", expected_params=params
+                )
+            else:
+                answer = authority.issued_answer(self._issued[arn])
+                stub.add_response("get_certificate", answer, params)
+        else:
+            raise AssertionError(f"unexpected call to {model.name}")
+
+
+class TestAcmPcaConformance(ProviderConformance):
+    @pytest.fixture
+    def provider(self, pca_client: ACMPCAClient) -> Iterator[AcmPcaProvider]:
+        def clock() -> datetime:
+            return datetime.now(UTC)
+
+        authority = Authority.create(clock(), subordinate=True)
+        with StubbedPca(pca_client, authority, clock):
+            yield AcmPcaProvider("pca", _config(), clock, pca_client, poll_seconds=0)
+
+
+# --- over HTTP: moto's ACM PCA ---------------------------------------------------------------
+
+
+class _Body:
+    """A raw HTTP body for an AWSResponse made up by a test."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._data
+
+
+def _json_error(request: AWSPreparedRequest, status: int, code: str, message: str) -> AWSResponse:
+    """An AWS JSON-protocol error, as returned by a ``before-send`` handler
+    (botocore then skips the network; the stubs type handlers as returning None)."""
+    body = json.dumps({"__type": code, "message": message}).encode()
+    headers = HTTPHeaders.from_dict({"Content-Type": "application/x-amz-json-1.1"})
+    return AWSResponse(request.url, status, headers, _Body(body))
+
+
+def _target(request: AWSPreparedRequest) -> str:
+    value = request.headers["X-Amz-Target"]
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return text.rsplit(".", 1)[-1]
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    with MotoServer() as url:
+        yield url
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fake credentials, and nothing else from this machine's AWS setup."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ROLE_ARN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDMOTOEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto-secret")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def moto_ca(moto_url: str, aws_env: None) -> tuple[str, x509.Certificate]:
+    """An ACTIVE root CA in moto: created, self-signed through its own CSR, imported."""
+    client = boto3.client("acm-pca", region_name=REGION, endpoint_url=moto_url)
+    try:
+        arn = client.create_certificate_authority(
+            CertificateAuthorityConfiguration={
+                "KeyAlgorithm": "RSA_2048",
+                "SigningAlgorithm": "SHA256WITHRSA",
+                "Subject": {"CommonName": "moto root"},
+            },
+            CertificateAuthorityType="ROOT",
+        )["CertificateAuthorityArn"]
+        csr = client.get_certificate_authority_csr(CertificateAuthorityArn=arn)["Csr"]
+        root_arn = client.issue_certificate(
+            CertificateAuthorityArn=arn,
+            Csr=csr.encode(),
+            SigningAlgorithm="SHA256WITHRSA",
+            TemplateArn="arn:aws:acm-pca:::template/RootCACertificate/V1",
+            Validity={"Type": "YEARS", "Value": 10},
+        )["CertificateArn"]
+        pem = client.get_certificate(CertificateAuthorityArn=arn, CertificateArn=root_arn)
+        client.import_certificate_authority_certificate(
+            CertificateAuthorityArn=arn, Certificate=pem["Certificate"].encode()
+        )
+    finally:
+        client.close()
+    return arn, x509.load_pem_x509_certificate(pem["Certificate"].encode())
+
+
+def _moto_config(arn: str, moto_url: str, **overrides: Any) -> AcmPcaConfig:
+    return AcmPcaConfig.model_validate(
+        {"certificateAuthorityArn": arn, "region": REGION, "endpointUrl": moto_url, **overrides}
+    )
+
+
+def test_the_call_sequence_over_http_and_the_core_refuses_motos_non_ca_certificate(
+    moto_url: str, moto_ca: tuple[str, x509.Certificate]
+) -> None:
+    arn, root = moto_ca
+    config = _moto_config(arn, moto_url)
+    client = build_client("pca", config)
+    calls: list[str] = []
+    client.meta.events.register(
+        "before-send.acm-pca", lambda request, **_: calls.append(_target(request))
+    )
+    provider = AcmPcaProvider("pca", config, lambda: datetime.now(UTC), client)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    try:
+        answer = provider.sign_ca(request.csr, timedelta(hours=24))
+    finally:
+        client.close()
+
+    assert calls == [
+        "DescribeCertificateAuthority",
+        "GetCertificateAuthorityCertificate",
+        "IssueCertificate",
+        "GetCertificate",  # the waiter
+        "GetCertificate",
+    ]
+    assert answer.roots == (root,)
+    assert answer.chain[0].public_key() == request.csr.public_key()
+    assert uri_sans(answer.chain[0]) == [f"spiffe://{TRUST_DOMAIN}"]
+    # moto issues subordinates with no CA extensions (FACTS): trustmgr must not use them.
+    with pytest.raises(ProviderAnswerError) as info:
+        check_signed_ca(answer, request, TRUST_DOMAIN, provider="pca", now=datetime.now(UTC))
+    assert "the issued CA is not a CA (BasicConstraints CA:TRUE missing)" in str(info.value)
+    assert "has no NameConstraints" in str(info.value)
+
+
+def test_a_provider_builds_its_own_client_on_first_use(
+    moto_url: str, moto_ca: tuple[str, x509.Certificate]
+) -> None:
+    arn, root = moto_ca
+    provider = AcmPcaProvider("pca", _moto_config(arn, moto_url), lambda: datetime.now(UTC))
+    assert provider.roots() == (root,)
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("ThrottlingException", 400), ("InternalFailure", 500)]
+)
+def test_botocore_retries_throttling_and_5xx_with_the_same_token(
+    moto_url: str, moto_ca: tuple[str, x509.Certificate], code: str, status: int
+) -> None:
+    arn, _ = moto_ca
+    config = _moto_config(arn, moto_url)
+    client = build_client("pca", config)
+    tokens: list[str] = []
+
+    def fail_the_first_issue(request: AWSPreparedRequest, **_: Any) -> AWSResponse | None:
+        if _target(request) != "IssueCertificate":
+            return None
+        assert isinstance(request.body, bytes)
+        tokens.append(json.loads(request.body)["IdempotencyToken"])
+        if len(tokens) > 1:
+            return None  # moto answers
+        return _json_error(request, status, code, "try again")
+
+    client.meta.events.register("before-send.acm-pca", fail_the_first_issue)  # type: ignore[arg-type]
+    provider = AcmPcaProvider("pca", config, lambda: datetime.now(UTC), client)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    try:
+        provider.sign_ca(request.csr, timedelta(hours=1))
+    finally:
+        client.close()
+    assert tokens == [_token(request.csr)] * 2
+
+
+def test_what_still_fails_after_botocores_retries_is_transient(
+    moto_url: str, moto_ca: tuple[str, x509.Certificate]
+) -> None:
+    arn, _ = moto_ca
+    config = _moto_config(arn, moto_url, maxAttempts=1)
+    client = build_client("pca", config)
+
+    def throttle(request: AWSPreparedRequest, **_: Any) -> AWSResponse | None:
+        if _target(request) != "IssueCertificate":
+            return None
+        return _json_error(request, 400, "ThrottlingException", "Rate exceeded")
+
+    client.meta.events.register("before-send.acm-pca", throttle)  # type: ignore[arg-type]
+    provider = AcmPcaProvider("pca", config, lambda: datetime.now(UTC), client)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    try:
+        with pytest.raises(ProviderTransientError, match="ThrottlingException: Rate exceeded"):
+            provider.sign_ca(request.csr, timedelta(hours=1))
+    finally:
+        client.close()
+
+
+def test_an_unknown_ca_over_http_needs_a_fix(moto_url: str, aws_env: None) -> None:
+    arn = f"arn:aws:acm-pca:{REGION}:123456789012:certificate-authority/does-not-exist"
+    provider = AcmPcaProvider("pca", _moto_config(arn, moto_url), lambda: datetime.now(UTC))
+    with pytest.raises(ProviderNeedsFixError, match="ResourceNotFoundException") as info:
+        provider.roots()
+    assert arn in str(info.value)
+
+
+def test_assume_role_signs_with_the_roles_credentials(
+    moto_url: str, moto_ca: tuple[str, x509.Certificate], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arn, root = moto_ca
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", moto_url)
+    config = _moto_config(arn, moto_url, assumeRoleArn="arn:aws:iam::123456789012:role/issuer")
+    client = build_client("pca", config)
+    key_ids: list[str] = []
+
+    def record(request: AWSPreparedRequest, **_: Any) -> None:
+        authorization = str(request.headers["Authorization"])
+        key_ids.append(authorization.split("Credential=", 1)[1].split("/", 1)[0])
+
+    client.meta.events.register("before-send.acm-pca", record)
+    try:
+        assert AcmPcaProvider("pca", config, lambda: datetime.now(UTC), client).roots() == (root,)
+    finally:
+        client.close()
+    assert key_ids and all(k.startswith("ASIA") for k in key_ids)
+
+
+# --- a whole mesh through AWS Private CA ------------------------------------------------------
+
+
+def test_bootstrap_of_a_mesh_issued_by_aws_private_ca(
+    pca_client: ACMPCAClient, workdir: Path
+) -> None:
+    """The same checks as the other providers: istiod's load checks, and OpenSSL
+    accepting the cluster's own trust domain and refusing another."""
+    (workdir / "trustmgr.yaml").write_text(
+        f"""\
+providers:
+  pca: {{acmPca: {{certificateAuthorityArn: "{ARN}", region: us-east-1}}}}
+meshes:
+  payments:
+    trustDomain: payments.example
+    provider: pca
+    clusters:
+      pci-east: {{directory: {{path: out/pci-east}}}}
+      pci-west: {{directory: {{path: out/pci-west}}}}
+"""
+    )
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    authority = Authority.create(clock(), subordinate=True)
+    config = load_config(workdir / "trustmgr.yaml")
+    with StubbedPca(pca_client, authority, clock):
+        pca_config = config.providers["pca"].acm_pca
+        assert pca_config is not None
+        provider = AcmPcaProvider("pca", pca_config, clock, pca_client, poll_seconds=0)
+        ws = Workspace.build(config, clock=clock, providers={"pca": provider})
+        report = apply(ws)
+        assert report.ok and report.changed
+        assert all(problems == [] for problems in verify_all(ws).values())
+        assert not apply(ws).changed
+    for cluster in ("pci-east", "pci-west"):
+        directory = workdir / "out" / cluster
+        chain = load_certificates((directory / "cert-chain.pem").read_bytes(), "cert-chain.pem")
+        assert len(chain) == 3  # cluster CA, the private CA (a subordinate), its root
+        assert_openssl_enforces_trust_domain(directory, "payments.example", "web.example", workdir)
