@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -48,3 +49,19 @@ def key_algorithm_of(key: object) -> KeyAlgorithm | None:
         except ValueError:
             return None
     return None
+
+
+def ca_key_usage(*, digital_signature: bool = True) -> x509.KeyUsage:
+    """keyCertSign and cRLSign, which every CA here carries (OpenSSL refuses
+    leaves under a CA without keyCertSign); digitalSignature for cluster CAs."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )

@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from providers.base import BlobStore, Clock, ProviderNeedsFixError, SignedCA
 from providers.config import SelfSignedConfig
-from providers.keys import KeyAlgorithm, key_algorithm_of
+from providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
 
 BACKDATE = timedelta(minutes=5)
 """notBefore is set this far in the past, so a peer with a slow clock accepts the cert."""
@@ -23,20 +23,6 @@ _COPIED_FROM_CSR = (x509.SubjectAlternativeName, x509.NameConstraints)
 
 ROOT_CERT = "root-cert.pem"
 ROOT_KEY = "root-key.pem"
-
-
-def _key_usage(*, digital_signature: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 class SelfSignedProvider:
@@ -116,7 +102,7 @@ class SelfSignedProvider:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + cfg.ttl)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_key_usage(digital_signature=False), critical=True)
+            .add_extension(ca_key_usage(digital_signature=False), critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
@@ -204,7 +190,7 @@ class SelfSignedProvider:
             .not_valid_before(max(now - BACKDATE, root.not_valid_before_utc))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(ca_key_usage(), critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
             )

@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from providers import Provider, ProviderNeedsFixError, ProviderTransientError
 from providers.acmpca import AcmPcaProvider, build_client, default_template_arn
 from providers.config import AcmPcaConfig
-from providers.keys import KeyAlgorithm
+from providers.keys import KeyAlgorithm, ca_key_usage
 from tests.conformance import ProviderConformance
 from tests.moto_server import MotoServer
 from tests.workload import assert_openssl_enforces_trust_domain
@@ -70,20 +70,6 @@ def _pem(*certs: x509.Certificate) -> str:
     return "".join(c.public_bytes(Encoding.PEM).decode() for c in certs)
 
 
-def _ca_usage(*, digital_signature: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 @dataclass(frozen=True)
 class Authority:
     """What the test plays AWS with: a root, and the private CA that issues
@@ -108,7 +94,7 @@ class Authority:
             .not_valid_before(now - timedelta(days=1))
             .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_ca_usage(digital_signature=False), critical=True)
+            .add_extension(ca_key_usage(digital_signature=False), critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False
             )
@@ -126,7 +112,7 @@ class Authority:
             .not_valid_before(now - timedelta(days=1))
             .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(_ca_usage(digital_signature=True), critical=True)
+            .add_extension(ca_key_usage(digital_signature=True), critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
             )
@@ -160,7 +146,7 @@ class Authority:
             .not_valid_before(now - timedelta(minutes=60))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_usage(digital_signature=True), critical=True)
+            .add_extension(ca_key_usage(digital_signature=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), False

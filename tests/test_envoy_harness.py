@@ -8,7 +8,6 @@ way trustmgr issues them, and workload certs minted by the harness.
 from __future__ import annotations
 
 import datetime
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-# Importable as ``tests.envoy_harness`` (the name mypy gives it) even when pytest imports this
-# file rootdir-less, i.e. without the repository root on sys.path.
-_REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from tests.envoy_harness import (  # noqa: E402
+from providers.keys import ca_key_usage
+from tests.envoy_harness import (
     EnvoyListener,
     EnvoyStartError,
     MtlsResult,
@@ -54,17 +48,7 @@ class CA:
     key: ec.EllipticCurvePrivateKey
 
 
-_CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
+_CA_KEY_USAGE = ca_key_usage()
 
 
 def make_root(cn: str) -> CA:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from providers import SignedCA
-from providers.keys import KeyAlgorithm, key_algorithm_of
+from providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates, pem, pem_blocks
 from trustmgr.errors import BadMaterialError, ProviderAnswerError
 
@@ -61,20 +61,7 @@ def cluster_ca_request(
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name(names))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(ca_key_usage(), critical=True)
         .add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_uri(trust_domain))]),
             critical=False,
