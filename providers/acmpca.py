@@ -25,7 +25,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from providers.base import (
@@ -35,6 +34,7 @@ from providers.base import (
     ProviderTransientError,
     SignedCA,
 )
+from providers.chains import is_self_signed
 from providers.config import AcmPcaConfig
 
 if TYPE_CHECKING:
@@ -164,16 +164,6 @@ def _idempotency_token(csr: x509.CertificateSigningRequest) -> str:
     return hashlib.sha256(der).hexdigest()[:32]
 
 
-def _is_self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 class AcmPcaProvider:
     """Issues cluster CAs from an AWS Private CA that already exists.
 
@@ -253,7 +243,7 @@ class AcmPcaProvider:
         # GetCertificate's chain runs issuer first, root last; roots are reported apart.
         chain = self._load("the issued certificate's chain", answer.get("CertificateChain"))
         return SignedCA(
-            chain=(cert, *(c for c in chain if not _is_self_signed(c))),
+            chain=(cert, *(c for c in chain if not is_self_signed(c))),
             roots=self._roots_of(ca, above),
         )
 
@@ -308,7 +298,7 @@ class AcmPcaProvider:
     def _roots_of(
         self, ca: x509.Certificate, above: list[x509.Certificate]
     ) -> tuple[x509.Certificate, ...]:
-        roots = tuple(c for c in (ca, *above) if _is_self_signed(c))
+        roots = tuple(c for c in (ca, *above) if is_self_signed(c))
         if not roots:
             raise ProviderNeedsFixError(
                 f"provider {self.name}: the chain of certificate authority "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.openbao import openbao_fixture, vault_pki_fixture  # noqa: F401  (session fixtures)
 from trustmgr.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from providers import SignedCA
+from providers.chains import is_self_signed, issued_by
 from providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates, pem, pem_blocks
 from trustmgr.errors import BadMaterialError, ProviderAnswerError
@@ -78,21 +78,6 @@ def cluster_ca_request(
         .sign(key, algorithm.signature_hash())
     )
     return ClusterCARequest(key, csr)
-
-
-def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether ``issuer``'s key signed ``cert`` and the names line up."""
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def is_self_signed(cert: x509.Certificate) -> bool:
-    return issued_by(cert, cert)
 
 
 def _ext(

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from providers import BlobStore, Clock, Provider
 from providers.config import ProviderConfig
 from providers.selfsigned import SelfSignedProvider
+from trustmgr.errors import BadInputError
+
+
+def _require(package: str, *, provider: str, kind: str, extra: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise BadInputError(
+            f"provider {provider} is of kind {kind}, which needs the {package} package: "
+            f"pip install 'trustmgr[{extra}]'"
+        )
 
 
 def build_provider(
@@ -14,12 +25,12 @@ def build_provider(
     if config.self_signed is not None:
         return SelfSignedProvider(name, config.self_signed, blobs, clock)
     if config.vault is not None:
-        from providers.vault import VaultProvider  # type: ignore[import-not-found,unused-ignore]
+        _require("hvac", provider=name, kind="vault", extra="vault")
+        from providers.vault import VaultProvider
 
-        provider: Provider = VaultProvider(name, config.vault, clock)
-        return provider
+        return VaultProvider(name, config.vault, clock)
     assert config.acm_pca is not None
-    from providers.acmpca import AcmPcaProvider  # type: ignore[import-not-found,unused-ignore]
+    _require("boto3", provider=name, kind="acmPca", extra="aws")
+    from providers.acmpca import AcmPcaProvider
 
-    aws: Provider = AcmPcaProvider(name, config.acm_pca, clock)
-    return aws
+    return AcmPcaProvider(name, config.acm_pca, clock)

@@ -1,0 +1,79 @@
+"""A mesh whose provider is Vault (a real OpenBao), checked like the others."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import snapshot, trustmgr
+from tests.openbao import VaultPKI
+from tests.workload import assert_openssl_enforces_trust_domain
+from trustmgr.bundles import TrustBundle, load_certificates
+
+
+def config(vault_pki: VaultPKI, mount: str, auth: str) -> str:
+    return f"""\
+stateStore: {{file: {{path: state}}}}
+providers:
+  vault-prod:
+    vault:
+      address: {vault_pki.address}
+      mount: {mount}
+      auth: {auth}
+  corp:
+    selfSigned: {{passphraseEnv: TRUSTMGR_PASSPHRASE}}
+meshes:
+  payments:
+    trustDomain: payments.example
+    provider: vault-prod
+    clusters:
+      pci-east: {{directory: {{path: out/pci-east}}}}
+      pci-west: {{directory: {{path: out/pci-west}}}}
+  web:
+    trustDomain: web.example
+    provider: corp
+    clusters:
+      web-1: {{directory: {{path: out/web-1}}}}
+federations:
+  - meshes: [payments, web]
+"""
+
+
+@pytest.mark.parametrize("mount", ["pki", "pki_int"])
+def test_bootstrap_through_vault(vault_pki: VaultPKI, workdir: Path, mount: str) -> None:
+    auth = f"{{appRole: {{roleIdFile: {vault_pki.role_id_file}, secretIdFile: {vault_pki.secret_id_file}}}}}"
+    (workdir / "trustmgr.yaml").write_text(config(vault_pki, mount, auth))
+    run = trustmgr("bootstrap")
+    assert run.code == 0, run.err
+    assert trustmgr("verify").code == 0
+    for cluster in ("pci-east", "pci-west"):
+        directory = workdir / "out" / cluster
+        chain = load_certificates((directory / "cert-chain.pem").read_bytes(), "cert-chain.pem")
+        assert len(chain) == (3 if mount == "pki_int" else 2)
+        assert_openssl_enforces_trust_domain(directory, "payments.example", "web.example", workdir)
+    # The web mesh trusts the Vault root, through the federation.
+    vault_root = load_certificates((workdir / "out/pci-east/cert-chain.pem").read_bytes(), "chain")[
+        -1
+    ]
+    assert vault_root in TrustBundle.from_pem((workdir / "out/web-1/root-cert.pem").read_bytes())
+    before = snapshot(workdir)
+    assert "0 changed, 3 up to date" in trustmgr("bootstrap").out
+    assert snapshot(workdir) == before
+
+
+def test_a_policy_without_the_sign_path_fails_each_cluster_clearly(
+    vault_pki: VaultPKI, workdir: Path
+) -> None:
+    auth = f"{{appRole: {{roleIdFile: {vault_pki.denied_role_id_file}, secretIdFile: {vault_pki.denied_secret_id_file}}}}}"
+    (workdir / "trustmgr.yaml").write_text(config(vault_pki, "pki", auth))
+    run = trustmgr("bootstrap", "-o", "json")
+    assert run.code == 1
+    report = json.loads(run.out)
+    failed = {c["cluster"]: c["error"] for c in report["clusters"] if not c["ok"]}
+    assert set(failed) == {"pci-east", "pci-west"}
+    assert "permission denied" in failed["pci-east"] and "pki/" in failed["pci-east"]
+    assert not (workdir / "out" / "pci-east").exists()
+    secret_id = vault_pki.denied_secret_id_file.read_text().strip()
+    assert secret_id not in run.out + run.err
