@@ -18,11 +18,20 @@ from providers import ProviderError, ProviderNeedsFixError
 from trustmgr import __version__, graph
 from trustmgr import config as config_mod
 from trustmgr.atomic import write_atomic
-from trustmgr.engine import Report, Workspace, apply, make_plan, now_utc, spiffe_export
+from trustmgr.engine import (
+    ClusterOutcome,
+    Report,
+    Workspace,
+    apply,
+    make_plan,
+    now_utc,
+    rollback,
+    spiffe_export,
+)
 from trustmgr.errors import ConfigError, TrustmgrError
 from trustmgr.federation import Federation, mesh_config_fragment
 from trustmgr.inspect import cluster_status, verify_all
-from trustmgr.planner import Action, Plan
+from trustmgr.planner import Action, Plan, Reload
 
 log = logging.getLogger("trustmgr")
 
@@ -33,6 +42,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CHANGES_PENDING = 0, 1, 2, 3
 class Context:
     config_path: Path
     debug: bool
+    verbose: bool = False
 
     def config(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
@@ -43,6 +53,18 @@ class Context:
 
 output_option = click.option(
     "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+workers_option = click.option(
+    "--workers",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Clusters worked on at once.",
+)
+adopt_option = click.option(
+    "--adopt",
+    is_flag=True,
+    help="Replace cacerts that trustmgr did not create, keeping the previous one for rollback.",
 )
 
 
@@ -66,7 +88,7 @@ def cli(ctx: click.Context, config_path: Path, verbose: int, debug: bool) -> Non
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
     )
-    ctx.obj = Context(config_path, debug)
+    ctx.obj = Context(config_path, debug, verbose > 0)
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -119,7 +141,8 @@ def validate(obj: Context) -> None:
     """Check the configuration; list every problem."""
     cfg = obj.config()
     clusters = sum(len(m.clusters) for m in cfg.meshes.values())
-    _findings(Workspace.build(cfg, clock=now_utc).federation())
+    with Workspace.build(cfg, clock=now_utc) as ws:
+        _findings(ws.federation())
     click.echo(
         f"{obj.config_path}: valid ({len(cfg.providers)} providers, {len(cfg.meshes)} meshes, "
         f"{clusters} clusters, {len(cfg.federations)} federations)"
@@ -129,10 +152,13 @@ def validate(obj: Context) -> None:
 @cli.command("plan")
 @output_option
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 3 when changes are pending.")
+@workers_option
+@adopt_option
 @click.pass_obj
-def plan_cmd(obj: Context, output: str, detailed_exitcode: bool) -> None:
+def plan_cmd(obj: Context, output: str, detailed_exitcode: bool, workers: int, adopt: bool) -> None:
     """Show what bootstrap or reconcile would change, and why."""
-    plan = make_plan(obj.workspace())
+    with obj.workspace() as ws:
+        plan = make_plan(ws, workers=workers, adopt=adopt)
     if output == "json":
         _echo_json(_plan_json(plan))
     else:
@@ -144,8 +170,7 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool) -> None:
                 c.mesh,
                 str(c.action),
                 c.reason,
-                c.message
-                + (" (istiod restart needed)" if c.pending and c.reload == "restart" else ""),
+                c.message + _restart_note(ws, c.cluster, c.pending and c.reload is Reload.RESTART),
             )
             for c in plan.clusters
         ]
@@ -160,7 +185,15 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool) -> None:
         sys.exit(EXIT_CHANGES_PENDING)
 
 
-def _report(report: Report, output: str, ws: Workspace) -> None:
+def _restart_note(ws: Workspace, cluster: str, needed: bool) -> str:
+    if not needed:
+        return ""
+    if ws.cluster_config(cluster).istio.restart_istiod:
+        return " (istiod will be restarted)"
+    return " (istiod restart needed)"
+
+
+def _report(report: Report, output: str, ws: Workspace, *, verbose: bool) -> None:
     if output == "json":
         _echo_json(
             {
@@ -175,6 +208,7 @@ def _report(report: Report, output: str, ws: Workspace) -> None:
                         "reason": o.reason,
                         "ok": o.ok,
                         "error": o.error,
+                        "istiod": o.istiod,
                         "target": ws.targets[o.cluster].description,
                     }
                     for o in report.outcomes
@@ -182,44 +216,120 @@ def _report(report: Report, output: str, ws: Workspace) -> None:
             }
         )
     else:
-        for provider in report.roots_created:
-            click.echo(f"created root of provider {provider}")
-        for o in report.outcomes:
-            if o.action is Action.NONE:
-                continue
-            where = ws.targets[o.cluster].description
-            if o.ok:
-                click.echo(f"{o.action:<13} {o.cluster} ({o.reason}) -> {where}")
-            else:
-                click.echo(f"{'failed':<13} {o.cluster}: {o.error}", err=True)
-        done = sum(1 for o in report.outcomes if o.ok and o.action is not Action.NONE)
-        failed = sum(1 for o in report.outcomes if not o.ok)
-        same = sum(1 for o in report.outcomes if o.action is Action.NONE)
-        click.echo(
-            f"{len(report.outcomes)} clusters: {done} changed, {same} up to date, {failed} failed"
-        )
+        _report_table(report, ws, verbose=verbose)
     if not report.ok:
         sys.exit(EXIT_FAILED)
 
 
+def _report_table(report: Report, ws: Workspace, *, verbose: bool) -> None:
+    """A line for every cluster that changed or failed (and, with -v, for those
+    left unchanged), failures on stderr; then the counts, which cover all."""
+    for provider in report.roots_created:
+        click.echo(f"created root of provider {provider}")
+    for o in report.outcomes:
+        istiod = f" (istiod {o.istiod})" if o.istiod and o.ok else ""
+        if o.action is Action.NONE:
+            if verbose:
+                click.echo(f"{'unchanged':<13} {o.cluster}")
+        elif o.ok:
+            where = ws.targets[o.cluster].description
+            click.echo(f"{o.action:<13} {o.cluster} ({o.reason}) -> {where}{istiod}")
+        else:
+            verdict = "refused" if o.action is Action.REFUSE else "failed"
+            click.echo(f"{verdict:<13} {o.cluster}: {o.error}", err=True)
+    done = sum(1 for o in report.outcomes if o.ok and o.action is not Action.NONE)
+    refused = sum(1 for o in report.outcomes if o.action is Action.REFUSE)
+    failed = sum(1 for o in report.outcomes if not o.ok) - refused
+    same = sum(1 for o in report.outcomes if o.action is Action.NONE)
+    restart = sum(1 for o in report.outcomes if o.istiod == "restart needed")
+    line = f"{len(report.outcomes)} clusters: {done} changed, {same} up to date, {failed} failed"
+    line += f", {refused} refused" if refused else ""
+    line += f"; {restart} need an istiod restart" if restart else ""
+    click.echo(line)
+
+
+class _Progress:
+    """A progress bar on a terminal (stderr), plain lines otherwise."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int, outcome: ClusterOutcome) -> None:
+        if not self._tty:
+            if outcome.action is Action.NONE:
+                return
+            verdict = "ok" if outcome.ok else "failed"
+            click.echo(f"[{done}/{total}] {outcome.cluster}: {outcome.action} {verdict}", err=True)
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label="clusters", file=sys.stderr)
+            self._bar.__enter__()
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _apply(obj: Context, output: str, workers: int, adopt: bool) -> None:
+    progress = _Progress()
+    with obj.workspace() as ws:
+        try:
+            report = apply(ws, workers=workers, adopt=adopt, progress=progress)
+        finally:
+            progress.close()
+        _report(report, output, ws, verbose=obj.verbose)
+
+
 @cli.command()
 @output_option
-@click.option("--workers", default=16, show_default=True, help="Clusters worked on at once.")
+@workers_option
+@adopt_option
 @click.pass_obj
-def bootstrap(obj: Context, output: str, workers: int) -> None:
+def bootstrap(obj: Context, output: str, workers: int, adopt: bool) -> None:
     """Create roots and cluster CAs and write every target. Safe to re-run."""
-    ws = obj.workspace()
-    _report(apply(ws, workers=workers), output, ws)
+    _apply(obj, output, workers, adopt)
 
 
 @cli.command()
 @output_option
-@click.option("--workers", default=16, show_default=True, help="Clusters worked on at once.")
+@workers_option
+@adopt_option
 @click.pass_obj
-def reconcile(obj: Context, output: str, workers: int) -> None:
+def reconcile(obj: Context, output: str, workers: int, adopt: bool) -> None:
     """Apply renewals and repairs on a live system; the scheduled form of bootstrap."""
-    ws = obj.workspace()
-    _report(apply(ws, workers=workers), output, ws)
+    _apply(obj, output, workers, adopt)
+
+
+@cli.command("rollback")
+@click.option("--cluster", required=True, help="The cluster whose previous cacerts to put back.")
+@output_option
+@click.pass_obj
+def rollback_cmd(obj: Context, cluster: str, output: str) -> None:
+    """Put back the cacerts a cluster held before trustmgr's last write to it."""
+    with obj.workspace() as ws:
+        done = rollback(ws, cluster)
+        description = ws.targets[cluster].description
+    if output == "json":
+        _echo_json(
+            {
+                "cluster": done.cluster,
+                "serial": done.restored.serial,
+                "managed": done.managed,
+                "savedAt": done.saved_at,
+                "istiod": done.istiod,
+                "target": description,
+            }
+        )
+        return
+    saved = f", kept at {done.saved_at}" if done.saved_at else ""
+    origin = "" if done.managed else "; it was not trustmgr's: the next bootstrap needs --adopt"
+    istiod = f" (istiod {done.istiod})" if done.istiod else ""
+    click.echo(
+        f"rolled back {done.cluster}: restored CA serial {done.restored.serial or '-'}{saved} "
+        f"-> {description}{istiod}{origin}"
+    )
 
 
 @cli.command()
@@ -227,8 +337,8 @@ def reconcile(obj: Context, output: str, workers: int) -> None:
 @click.pass_obj
 def status(obj: Context, output: str) -> None:
     """Per cluster: CA serial, expiry, roots in the bundle, drift."""
-    ws = obj.workspace()
-    rows = cluster_status(ws)
+    with obj.workspace() as ws:
+        rows = cluster_status(ws)
     if output == "json":
         _echo_json([r.to_json() for r in rows])
         return
@@ -260,8 +370,8 @@ def _date(value: datetime | None) -> str:
 @click.pass_obj
 def verify(obj: Context, output: str) -> None:
     """Check every cluster's material against istiod's load checks and the policy."""
-    ws = obj.workspace()
-    results = verify_all(ws)
+    with obj.workspace() as ws:
+        results = verify_all(ws)
     if output == "json":
         _echo_json({"ok": not any(results.values()), "clusters": results})
     else:

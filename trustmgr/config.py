@@ -21,6 +21,8 @@ DEFAULT_CONFIG = "trustmgr.yaml"
 
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 def _trust_domain(value: str) -> str:
@@ -47,7 +49,11 @@ class StateStoreConfig(Model):
 
 
 class IstioSettings(Model):
-    """What trustmgr must know of the cluster's istiod to keep updates hot-reloadable."""
+    """What trustmgr must know of the cluster's istiod to keep updates hot-reloadable.
+
+    ``restart_istiod``: when a write cannot be hot-reloaded, roll the istiod
+    Deployment after it (Kubernetes targets); otherwise the plan and the summary
+    say that a restart is needed."""
 
     version: str | None = Field(default=None, pattern=r"^\d+\.\d+(\.\d+)?$")
     multi_root: bool = False
@@ -59,12 +65,19 @@ class DirectoryTargetConfig(Model):
 
 
 class KubernetesTargetConfig(Model):
+    """A cluster's API: a kubeconfig context (``$KUBECONFIG`` or ~/.kube/config and
+    its current context by default) or the pod's service account."""
+
     kubeconfig: str | None = None
     context: str | None = None
     in_cluster: bool = False
-    namespace: str = "istio-system"
-    secret_name: str = "cacerts"
-    istiod_deployment: str = "istiod"
+    namespace: str = Field(default="istio-system", pattern=_DNS_LABEL)
+    secret_name: str = Field(default="cacerts", pattern=_DNS_SUBDOMAIN, max_length=233)
+    istiod_deployment: str = Field(default="istiod", pattern=_DNS_SUBDOMAIN)
+    request_timeout: Duration = timedelta(seconds=10)
+    """Per request; a request that takes longer is abandoned and retried."""
+    attempts: int = Field(default=4, ge=1, le=10)
+    """Tries per request for transient failures (5xx, 429, timeouts, lost connections)."""
 
     @model_validator(mode="after")
     def _in_cluster_or_kubeconfig(self) -> KubernetesTargetConfig:

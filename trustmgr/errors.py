@@ -10,7 +10,8 @@ what to do; none carries a key, token or passphrase.
     │   └── StateError         the state store holds something unusable
     ├── ProviderAnswerError    exit 1: a provider answered with something trustmgr refuses
     ├── TargetError            exit 1: a target could not be read or written
-    │   └── TransientTargetError   worth retrying
+    │   ├── TransientTargetError   worth retrying
+    │   └── TargetConflictError    changed since it was read: read again, plan again
     └── LockedError            exit 1: another trustmgr holds the state lock
 """
 
@@ -63,3 +64,7 @@ class TransientTargetError(TargetError):
 
 class LockedError(TrustmgrError):
     pass
+
+
+class TargetConflictError(TargetError):
+    """The target changed between read and write; read again and re-plan."""

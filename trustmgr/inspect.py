@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from trustmgr.engine import Workspace
-from trustmgr.errors import TargetError
+from trustmgr.engine import Seen, Workspace
 from trustmgr.federation import Federation
-from trustmgr.pki import observe
+from trustmgr.pki import ObservedCA, observe
+from trustmgr.state.model import ClusterRecord
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,17 @@ class ClusterStatus:
         }
 
 
-def cluster_status(ws: Workspace) -> list[ClusterStatus]:
+def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
+    """What each target really holds, compared with what trustmgr last wrote there."""
     state = ws.store.load()
     now = ws.clock()
+    everything = ws.observe(workers)
     rows = []
     for mesh_name, cluster, _ in ws.config.clusters():
         target = ws.targets[cluster]
         record = state.clusters.get(cluster)
-        trust_domain = ws.config.meshes[mesh_name].trust_domain
-        try:
-            material = target.read()
-        except TargetError as exc:
+        seen = everything[cluster].observed
+        if everything[cluster].error:
             rows.append(
                 ClusterStatus(
                     cluster,
@@ -56,22 +56,11 @@ def cluster_status(ws: Workspace) -> list[ClusterStatus]:
                     None,
                     None,
                     0,
-                    f"unreadable: {exc}",
+                    f"unreadable: {everything[cluster].error}",
                 )
             )
             continue
-        seen = observe(material, trust_domain=trust_domain, now=now) if material else None
-        drift: str | None = None
-        if seen is None:
-            drift = "missing" if record else "not bootstrapped"
-        elif record is None:
-            drift = "not written by trustmgr"
-        elif seen.fingerprint != record.fingerprint:
-            drift = "CA replaced outside trustmgr"
-        elif seen.digest != record.digest:
-            drift = "files changed outside trustmgr"
-        elif not seen.healthy:
-            drift = f"invalid: {seen.problems[0]}"
+        drift = _drift(seen, record, everything[cluster].foreign)
         days = (seen.not_after - now).days if seen and seen.not_after else None
         rows.append(
             ClusterStatus(
@@ -88,26 +77,51 @@ def cluster_status(ws: Workspace) -> list[ClusterStatus]:
     return rows
 
 
-def verify_all(ws: Workspace) -> dict[str, list[str]]:
+def _drift(
+    seen: ObservedCA | None, record: ClusterRecord | None, foreign: str | None
+) -> str | None:
+    if foreign is not None:
+        return "not written by trustmgr" if record is None else "replaced outside trustmgr"
+    if seen is None:
+        return "missing" if record else "not bootstrapped"
+    if record is None:
+        return "not written by trustmgr"
+    if seen.fingerprint != record.fingerprint:
+        return "CA replaced outside trustmgr"
+    if seen.digest != record.digest:
+        return "files changed outside trustmgr"
+    if not seen.healthy:
+        return f"invalid: {seen.problems[0]}"
+    return None
+
+
+def verify_all(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
     """Per cluster, every reason istiod or the policy would refuse its material."""
     federation = ws.federation()
-    return {cluster: verify_cluster(ws, cluster, federation) for cluster in ws.targets}
+    everything = ws.observe(workers)
+    return {
+        cluster: verify_cluster(ws, cluster, federation, everything[cluster])
+        for cluster in ws.targets
+    }
 
 
-def verify_cluster(ws: Workspace, cluster: str, federation: Federation) -> list[str]:
+def verify_cluster(
+    ws: Workspace, cluster: str, federation: Federation, seen: Seen | None = None
+) -> list[str]:
     mesh = ws.config.meshes[ws.meshes_of[cluster]]
-    try:
-        material = ws.targets[cluster].read()
-    except TargetError as exc:
-        return [str(exc)]
-    if material is None:
+    seen = seen or ws.read(cluster)
+    if seen.error:
+        return [seen.error]
+    if seen.material is None:
         return ["no cacerts; run `trustmgr bootstrap`"]
-    seen = observe(material, trust_domain=mesh.trust_domain, now=ws.clock())
-    problems = list(seen.problems)
+    observed = seen.observed or observe(
+        seen.material, trust_domain=mesh.trust_domain, now=ws.clock()
+    )
+    problems = list(observed.problems)
     bundle = federation.bundle(ws.meshes_of[cluster])
     if bundle is not None:
-        missing = set(bundle.fingerprints) - set(seen.bundle)
-        extra = set(seen.bundle) - set(bundle.fingerprints)
+        missing = set(bundle.fingerprints) - set(observed.bundle)
+        extra = set(observed.bundle) - set(bundle.fingerprints)
         if missing:
             problems.append(f"root-cert.pem lacks {len(missing)} root(s) the mesh must trust")
         if extra:

@@ -23,6 +23,8 @@ class Action(StrEnum):
     RENEW = "renew"
     UPDATE_BUNDLE = "update-bundle"
     FAIL = "fail"
+    REFUSE = "refuse"
+    """The target holds cacerts trustmgr did not create; only ``--adopt`` replaces it."""
 
 
 class Reload(StrEnum):
@@ -45,6 +47,8 @@ class DesiredCluster:
     """None while a provider of the bundle has no root yet."""
     istio_version: str | None = None
     multi_root: bool = False
+    adopt: bool = False
+    """The operator allows replacing cacerts that trustmgr did not create."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class ObservedCluster:
     material: ObservedCA | None
     record: ClusterRecord | None
     error: str | None = None
+    foreign: str | None = None
+    """Why the target's cacerts is not trustmgr's, in the target's words; None if it is."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,23 @@ def _unreadable(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict
     if o.error:
         return Action.FAIL, "TargetUnreadable", o.error
     return None
+
+
+def _not_managed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
+    if o.foreign is None:
+        return None
+    if d.adopt:
+        return (
+            Action.ISSUE,
+            "Adopt",
+            f"{o.foreign}; replacing it, the previous one kept for rollback",
+        )
+    return (
+        Action.REFUSE,
+        "NotManaged",
+        f"{o.foreign}; to replace it, keeping the previous one for `trustmgr rollback`, "
+        "run `trustmgr bootstrap --adopt`",
+    )
 
 
 def _missing(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
@@ -157,6 +180,13 @@ def _not_ours(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
     return None
 
 
+def _edited(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
+    m = o.material
+    if m is not None and o.record is not None and m.digest != o.record.digest:
+        return Action.ISSUE, "Drift", "the files were changed outside trustmgr"
+    return None
+
+
 def _key_algorithm_changed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
     m = o.material
     if m is not None and m.key_algorithm is not d.key_algorithm:
@@ -195,11 +225,13 @@ def _bundle_changed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Ver
 
 POLICIES: tuple[Policy, ...] = (
     _unreadable,
+    _not_managed,
     _missing,
     _expired,
     _invalid,
     _trust_domain_changed,
     _not_ours,
+    _edited,
     _issuer_changed,
     _key_algorithm_changed,
     _renewal_due,
@@ -239,20 +271,30 @@ def bundle_reload(
     return Reload.HOT if ok else Reload.RESTART
 
 
+def change_reload(
+    old: ObservedCA,
+    new_bundle: tuple[str, ...] | None,
+    *,
+    ca_changes: bool,
+    multi_root: bool,
+    istio_version: str | None,
+) -> Reload:
+    """Whether istiod hot-reloads its cacerts changing from ``old`` to a CA (new
+    if ``ca_changes``) under the roots ``new_bundle`` (None: not known yet)."""
+    if ca_changes and istio_version is not None and _version_tuple(istio_version) < (1, 18):
+        return Reload.RESTART  # intermediate hot reload is on by default only since 1.18
+    if new_bundle is None:
+        return Reload.HOT
+    return bundle_reload(old.bundle, new_bundle, multi_root=multi_root, istio_version=istio_version)
+
+
 def _reload(d: DesiredCluster, o: ObservedCluster, action: Action) -> Reload:
     if action not in (Action.ISSUE, Action.RENEW, Action.UPDATE_BUNDLE) or o.material is None:
         return Reload.HOT
-    if (
-        d.istio_version is not None
-        and _version_tuple(d.istio_version) < (1, 18)
-        and action is not Action.UPDATE_BUNDLE
-    ):
-        return Reload.RESTART  # intermediate hot reload is on by default only since 1.18
-    if d.bundle is None:
-        return Reload.HOT
-    return bundle_reload(
-        o.material.bundle,
-        d.bundle.fingerprints,
+    return change_reload(
+        o.material,
+        d.bundle.fingerprints if d.bundle is not None else None,
+        ca_changes=action is not Action.UPDATE_BUNDLE,
         multi_root=d.multi_root,
         istio_version=d.istio_version,
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import yaml
 
@@ -17,12 +18,16 @@ CLUSTER_ANNOTATION = "trustmgr.io/cluster"
 
 class Target(Protocol):
     """One cluster's destination. A target object serves one pass: ``read`` may
-    remember what it saw (a resourceVersion) for the ``write`` that follows."""
+    remember what it saw (a resourceVersion, whether trustmgr owns it) for the
+    ``write`` that follows."""
 
     description: str
+    foreign: str | None
+    """After ``read``: why what the target holds is not trustmgr's (made by hand or
+    by Istio's tools), or None when it is trustmgr's or nothing is there."""
 
     def read(self) -> CACerts | None:
-        """What the target holds now, or None if it holds no cacerts at all.
+        """What the target holds now, or None if it holds no cacerts files at all.
         Missing files of a partial set read as empty."""
         ...
 
@@ -30,8 +35,50 @@ class Target(Protocol):
         """Raise TargetError if a write would certainly fail; writes nothing."""
         ...
 
-    def write(self, material: CACerts) -> None:
-        """Replace the target's cacerts with ``material``, all files at once."""
+    def write(self, material: CACerts, *, adopt: bool = False) -> None:
+        """Replace the target's cacerts with ``material``, all files at once.
+
+        Raises TargetConflictError when the target changed since ``read`` (the
+        caller reads again and re-plans), and TargetError when it holds foreign
+        cacerts and ``adopt`` is False."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the target is not used afterwards."""
+        ...
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The cacerts a target held before trustmgr's last write to it."""
+
+    material: CACerts
+    managed: bool
+    """Whether trustmgr had written it (False: it was adopted)."""
+    saved_at: str | None = None
+
+
+@runtime_checkable
+class Rollbackable(Protocol):
+    """A target that keeps the cacerts it replaced, and can put it back."""
+
+    def previous(self) -> Previous | None:
+        """The kept cacerts, or None; remembers what it read for ``restore``."""
+        ...
+
+    def restore(self, previous: Previous) -> None:
+        """Put back exactly what ``previous`` returned in place of what the last
+        ``read`` saw (a conflict if it changed since), keeping the replaced
+        cacerts as the new previous one: a second rollback undoes the first."""
+        ...
+
+
+@runtime_checkable
+class IstiodRestarter(Protocol):
+    """A target that can restart the cluster's istiod."""
+
+    def restart_istiod(self) -> None:
+        """Roll istiod's pods, as ``kubectl rollout restart`` does."""
         ...
 
 

@@ -1,0 +1,268 @@
+"""A cluster's ``cacerts`` Secret, through the Kubernetes API.
+
+Write rules: an absent secret is created; trustmgr's own (labelled
+``app.kubernetes.io/managed-by: trustmgr``) is replaced carrying the
+resourceVersion that was read, so a concurrent change answers 409 and the
+engine reads and plans again; a secret trustmgr did not create is replaced only
+when adopting. Before every replace the previous content is kept in a Secret
+next to it, ``<name>-trustmgr-previous``, which ``restore`` puts back.
+A missing namespace is an error, never created here."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from trustmgr.config import KubernetesTargetConfig
+from trustmgr.errors import TargetConflictError, TargetError
+from trustmgr.pki import CACERTS_FILES, CACerts
+from trustmgr.targets.base import MANAGED_BY, MANAGED_BY_LABEL, Previous, secret_manifest
+from trustmgr.targets.kubeapi import KubeApi, NotFoundError, Request
+
+log = logging.getLogger(__name__)
+
+BACKUP_SUFFIX = "-trustmgr-previous"
+PREVIOUS_METADATA = "trustmgr.io/previous-metadata"
+"""On the backup: the labels and annotations the kept cacerts had, as JSON."""
+SAVED_AT = "trustmgr.io/saved-at"
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+
+
+@dataclass(frozen=True)
+class _Secret:
+    """A Secret as read: base64 data as stored, no decoding beyond what is asked."""
+
+    resource_version: str
+    type: str
+    data: dict[str, str]
+    labels: dict[str, str]
+    annotations: dict[str, str]
+
+    @classmethod
+    def of(cls, model: Any) -> _Secret:
+        meta = model.metadata
+        return cls(
+            str(meta.resource_version),
+            str(model.type or "Opaque"),
+            dict(model.data or {}),
+            dict(meta.labels or {}),
+            dict(meta.annotations or {}),
+        )
+
+    @property
+    def managed(self) -> bool:
+        return self.labels.get(MANAGED_BY_LABEL) == MANAGED_BY
+
+    def files(self) -> dict[str, bytes]:
+        try:
+            return {n: base64.b64decode(self.data.get(n, ""), validate=True) for n in CACERTS_FILES}
+        except (binascii.Error, ValueError):
+            raise TargetError("the secret's data is not valid base64") from None
+
+
+class KubernetesTarget:
+    """The ``cacerts`` Secret of one cluster. Serves one pass; close it after."""
+
+    def __init__(
+        self,
+        cluster: str,
+        config: KubernetesTargetConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.api = KubeApi(config, sleep=sleep)
+        self.namespace, self.name = config.namespace, config.secret_name
+        self.backup_name = config.secret_name + BACKUP_SUFFIX
+        self.description = f"{self.api.where}, secret {self.namespace}/{self.name}"
+        self.foreign: str | None = None
+        self._current: _Secret | None = None
+        self._backup: _Secret | None = None
+
+    def close(self) -> None:
+        self.api.close()
+
+    def read(self) -> CACerts | None:
+        self._current = secret = self._get(self.name)
+        self.foreign = None
+        if secret is None:
+            return None
+        if not secret.managed:
+            self.foreign = (
+                f"secret {self.namespace}/{self.name} was not created by trustmgr "
+                f"(no {MANAGED_BY_LABEL}={MANAGED_BY} label)"
+            )
+        files = secret.files()
+        return CACerts.from_files(files) if any(files.values()) else None
+
+    def check_writable(self) -> None:
+        """Nothing to check without a request: the write itself says what is missing
+        (namespace, permission), before anything is written."""
+
+    def write(self, material: CACerts, *, adopt: bool = False) -> None:
+        body = secret_manifest(
+            material, cluster=self.cluster, namespace=self.namespace, name=self.name
+        )
+        current = self._current
+        if current is None:
+            self._current = self._create(body)
+            return
+        if not current.managed and not adopt:
+            raise TargetError(f"{self.foreign}; run with --adopt to replace it")
+        self._keep_previous(current)
+        body["type"] = current.type  # immutable: an adopted secret keeps its type
+        self._current = self._replace(body, current)
+        self.foreign = None
+
+    def previous(self) -> Previous | None:
+        self._backup = backup = self._get(self.backup_name)
+        if backup is None:
+            return None
+        if not backup.managed:
+            raise TargetError(self._foreign_backup())
+        labels, _ = self._previous_metadata(backup)
+        return Previous(
+            CACerts.from_files(backup.files()),
+            managed=labels.get(MANAGED_BY_LABEL) == MANAGED_BY,
+            saved_at=backup.annotations.get(SAVED_AT),
+        )
+
+    def restore(self, previous: Previous) -> None:
+        backup, current = self._backup, self._current
+        if backup is None or CACerts.from_files(backup.files()) != previous.material:
+            raise TargetError("restore() puts back only what previous() returned")
+        labels, annotations = self._previous_metadata(backup)
+        body = self._secret_body(
+            self.name,
+            backup.data,
+            labels=labels,
+            annotations=annotations,
+            type_=current.type if current else "Opaque",
+        )
+        if current is None:
+            self._current = self._create(body)
+            return
+        self._current = self._replace(body, current)
+        try:
+            self._keep_previous(current, backup)
+        except TargetError as exc:  # the rollback itself is done
+            log.warning("cluster %s: the replaced cacerts was not kept: %s", self.cluster, exc)
+
+    def restart_istiod(self) -> None:
+        """Patch the pod template's restartedAt annotation, as ``kubectl rollout
+        restart`` does: the Deployment controller then rolls istiod's pods."""
+        name = self.config.istiod_deployment
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
+        request = Request("patch", "deployments", name, self.namespace)
+        try:
+            self.api.call(
+                request,
+                self.api.apps().patch_namespaced_deployment,
+                name,
+                self.namespace,
+                body,
+                _content_type=STRATEGIC_MERGE,
+            )
+        except NotFoundError:
+            raise TargetError(
+                f"deployment {self.namespace}/{name} not found ({self.api.where}): set "
+                "istiodDeployment to istiod's Deployment, or turn off restartIstiod"
+            ) from None
+
+    def _keep_previous(self, current: _Secret, backup: _Secret | None = None) -> None:
+        """Save ``current`` into the backup Secret (read now unless given)."""
+        existing = backup or self._get(self.backup_name)
+        if existing is not None and not existing.managed:
+            raise TargetError(self._foreign_backup())
+        metadata = {"labels": current.labels, "annotations": current.annotations}
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = self._secret_body(
+            self.backup_name,
+            current.data,
+            labels={MANAGED_BY_LABEL: MANAGED_BY},
+            annotations={PREVIOUS_METADATA: json.dumps(metadata, sort_keys=True), SAVED_AT: now},
+        )
+        if existing is None:
+            self._create(body)
+        else:
+            self._replace(body, existing)
+
+    def _previous_metadata(self, backup: _Secret) -> tuple[dict[str, str], dict[str, str]]:
+        """The labels and annotations the kept cacerts had."""
+        try:
+            metadata = json.loads(backup.annotations.get(PREVIOUS_METADATA) or "{}")
+            return dict(metadata.get("labels") or {}), dict(metadata.get("annotations") or {})
+        except (ValueError, TypeError, AttributeError):
+            raise TargetError(
+                f"secret {self.namespace}/{self.backup_name}: its {PREVIOUS_METADATA} "
+                "annotation was edited and cannot be read"
+            ) from None
+
+    def _foreign_backup(self) -> str:
+        return (
+            f"secret {self.namespace}/{self.backup_name} exists but was not created by "
+            "trustmgr, which keeps the previous cacerts there: rename or delete it"
+        )
+
+    def _secret_body(
+        self,
+        name: str,
+        data: dict[str, str],
+        *,
+        labels: dict[str, str],
+        annotations: dict[str, str],
+        type_: str = "Opaque",
+    ) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": type_,
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": labels,
+                "annotations": annotations,
+            },
+            "data": data,
+        }
+
+    def _get(self, name: str) -> _Secret | None:
+        request = Request("get", "secrets", name, self.namespace)
+        try:
+            model = self.api.call(
+                request, self.api.core().read_namespaced_secret, name, self.namespace
+            )
+        except NotFoundError:
+            return None
+        return _Secret.of(model)
+
+    def _create(self, body: dict[str, Any]) -> _Secret:
+        request = Request("create", "secrets", body["metadata"]["name"], self.namespace)
+        model = self.api.call(
+            request, self.api.core().create_namespaced_secret, self.namespace, body
+        )
+        return _Secret.of(model)
+
+    def _replace(self, body: dict[str, Any], current: _Secret) -> _Secret:
+        name = body["metadata"]["name"]
+        body["metadata"]["resourceVersion"] = current.resource_version
+        request = Request("update", "secrets", name, self.namespace)
+        try:
+            model = self.api.call(
+                request, self.api.core().replace_namespaced_secret, name, self.namespace, body
+            )
+        except NotFoundError:
+            raise TargetConflictError(
+                f"secret {self.namespace}/{name} was deleted since it was read"
+            ) from None
+        return _Secret.of(model)
