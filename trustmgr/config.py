@@ -193,8 +193,17 @@ class Config(Model):
 Loc = tuple[str | int, ...]
 
 
-class _LineLoader(yaml.SafeLoader):
-    """Records the line of every mapping key and sequence item, by path."""
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """Parse once: the node tree (for lines) and the data built from it."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
 
 
 def _lines(node: yaml.Node, path: Loc, out: dict[Loc, int]) -> None:
@@ -337,8 +346,7 @@ def _pydantic_problems(exc: ValidationError) -> list[_Problem]:
 def parse(text: str, source: str) -> Config:
     """Parse and validate a configuration; raise ConfigError with every problem."""
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        node, data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{mark.line + 1}: " if mark is not None else ""
