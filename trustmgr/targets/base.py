@@ -101,4 +101,7 @@ def secret_manifest(
 
 
 def secret_manifest_yaml(material: CACerts, *, cluster: str) -> bytes:
-    return yaml.safe_dump(secret_manifest(material, cluster=cluster), sort_keys=False).encode()
+    dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: ~20x faster
+    return yaml.dump(
+        secret_manifest(material, cluster=cluster), Dumper=dumper, sort_keys=False
+    ).encode()
