@@ -47,14 +47,15 @@ class _Secret:
     annotations: dict[str, str]
 
     @classmethod
-    def of(cls, model: Any) -> _Secret:
-        meta = model.metadata
+    def of(cls, secret: dict[str, Any]) -> _Secret:
+        """From the Secret as the API answers it (JSON)."""
+        meta = secret.get("metadata") or {}
         return cls(
-            str(meta.resource_version),
-            str(model.type or "Opaque"),
-            dict(model.data or {}),
-            dict(meta.labels or {}),
-            dict(meta.annotations or {}),
+            str(meta.get("resourceVersion", "")),
+            str(secret.get("type") or "Opaque"),
+            dict(secret.get("data") or {}),
+            dict(meta.get("labels") or {}),
+            dict(meta.get("annotations") or {}),
         )
 
     @property
@@ -240,7 +241,7 @@ class KubernetesTarget:
         request = Request("get", "secrets", name, self.namespace)
         try:
             model = self.api.call(
-                request, self.api.core().read_namespaced_secret, name, self.namespace
+                request, self.api.secrets().read_namespaced_secret, name, self.namespace
             )
         except NotFoundError:
             return None
@@ -249,7 +250,7 @@ class KubernetesTarget:
     def _create(self, body: dict[str, Any]) -> _Secret:
         request = Request("create", "secrets", body["metadata"]["name"], self.namespace)
         model = self.api.call(
-            request, self.api.core().create_namespaced_secret, self.namespace, body
+            request, self.api.secrets().create_namespaced_secret, self.namespace, body
         )
         return _Secret.of(model)
 
@@ -259,7 +260,7 @@ class KubernetesTarget:
         request = Request("update", "secrets", name, self.namespace)
         try:
             model = self.api.call(
-                request, self.api.core().replace_namespaced_secret, name, self.namespace, body
+                request, self.api.secrets().replace_namespaced_secret, name, self.namespace, body
             )
         except NotFoundError:
             raise TargetConflictError(
