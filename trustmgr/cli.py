@@ -400,7 +400,8 @@ def _findings(federation: Federation) -> None:
 @click.pass_obj
 def trust_matrix(obj: Context, output: str) -> None:
     """Which mesh accepts the identities of which, and why."""
-    federation = obj.workspace().federation()
+    with obj.workspace() as ws:
+        federation = ws.federation()
     cells = federation.matrix()
     if output == "json":
         _echo_json(
@@ -441,7 +442,8 @@ def trust_matrix(obj: Context, output: str) -> None:
 @click.pass_obj
 def trust_graph(obj: Context, fmt: str, out: Path | None) -> None:
     """Meshes, their providers and federations, as DOT, Mermaid or SVG."""
-    federation = obj.workspace().federation()
+    with obj.workspace() as ws:
+        federation = ws.federation()
     text = {"dot": graph.to_dot, "mermaid": graph.to_mermaid, "svg": graph.to_svg}[fmt](federation)
     if out is None:
         click.echo(text, nl=False)
@@ -468,11 +470,12 @@ def federation_group() -> None:
 @click.pass_obj
 def federation_export(obj: Context, mesh: str, output: str, multi_root: bool | None) -> None:
     """The meshConfig fragment to merge into istiod's Helm values."""
-    ws = obj.workspace()
-    _known_mesh(ws, mesh)
+    with obj.workspace() as ws:
+        _known_mesh(ws, mesh)
+        federation = ws.federation()
     if multi_root is None:
         multi_root = any(c.istio.multi_root for c in ws.config.meshes[mesh].clusters.values())
-    fragment = mesh_config_fragment(ws.federation(), mesh, multi_root=multi_root)
+    fragment = mesh_config_fragment(federation, mesh, multi_root=multi_root)
     click.echo(yaml.safe_dump(fragment, sort_keys=False), nl=False)
 
 
@@ -490,12 +493,12 @@ def bundle_group() -> None:
 @click.pass_obj
 def bundle_export(obj: Context, mesh: str, out: Path | None, refresh_hint: int) -> None:
     """The mesh's SPIFFE bundle (JWKS); spiffe_sequence increases whenever its roots change."""
-    ws = obj.workspace()
-    _known_mesh(ws, mesh)
-    roots = ws.federation().meshes[mesh].roots
-    if not roots:
-        raise click.UsageError(f"mesh {mesh} has no root yet; run `trustmgr bootstrap` first")
-    data = spiffe_export(ws, mesh, roots, refresh_hint)
+    with obj.workspace() as ws:
+        _known_mesh(ws, mesh)
+        roots = ws.federation().meshes[mesh].roots
+        if not roots:
+            raise click.UsageError(f"mesh {mesh} has no root yet; run `trustmgr bootstrap` first")
+        data = spiffe_export(ws, mesh, roots, refresh_hint)
     if out is None:
         click.echo(data.decode(), nl=False)
     else:

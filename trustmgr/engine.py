@@ -165,8 +165,13 @@ class Workspace:
         return cls(config, clock, store, built, targets, meshes_of)
 
     def close(self) -> None:
+        """Release every target's and provider's connections."""
         for target in self.targets.values():
             target.close()
+        for provider in self.providers.values():
+            close = getattr(provider, "close", None)
+            if callable(close):
+                close()
 
     def __enter__(self) -> Workspace:
         return self
