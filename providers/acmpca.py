@@ -333,7 +333,7 @@ class AcmPcaProvider:
                 raise
             if isinstance(error, ProviderNeedsFixError):
                 self._signing_algorithm = None  # something changed: check the CA again next time
-            raise error from exc
+            raise error from None  # botocore's text may carry request data
 
     def _translate(self, exc: Exception, operation: str) -> ProviderError | None:
         """The one place AWS errors become provider errors; None for non-AWS errors."""

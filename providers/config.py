@@ -14,6 +14,7 @@ from pydantic.alias_generators import to_camel
 from providers.keys import KeyAlgorithm
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+MAX_DURATION = timedelta(days=36525)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -35,6 +36,8 @@ def parse_duration(value: object) -> timedelta:
         raise ValueError(
             f"{value!r} is not a duration: use a number and a unit, e.g. 720h, 30m, 90d"
         )
+    if total > MAX_DURATION.total_seconds():
+        raise ValueError(f"{value!r} is longer than 100 years")
     return timedelta(seconds=total)
 
 

@@ -32,7 +32,6 @@ import random
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -338,7 +337,7 @@ class _TokenKeeper:
         self._lease: _Lease | None = None
         self._warned_expiry = False
         # Every secret value read, so Vault's error text can be scrubbed of it.
-        self.secrets: deque[str] = deque(maxlen=16)
+        self.secrets: set[str] = set()
 
     @property
     def method(self) -> str:
@@ -439,7 +438,7 @@ class _TokenKeeper:
         token = auth.get("client_token")
         if not isinstance(token, str) or not token:
             raise _Failure(path, reason="answer", detail="no client token")
-        self.secrets.append(token)
+        self.secrets.add(token)
         ttl = timedelta(seconds=_number(auth.get("lease_duration", 0), path, "lease duration"))
         now = self._clock()
         if ttl:
@@ -462,7 +461,7 @@ class _TokenKeeper:
             env=None if cfg.file else (cfg.env or "VAULT_TOKEN"),
             file=cfg.file,
         )
-        self.secrets.append(token)
+        self.secrets.add(token)
         return token
 
     def _lookup(self, token: str) -> _Lease:
@@ -499,18 +498,18 @@ class _TokenKeeper:
             secret_id = _read_secret(
                 f"{where}.appRole.secretId", env=cfg.secret_id_env, file=cfg.secret_id_file
             )
-            self.secrets.extend((role_id, secret_id))
+            self.secrets.update((role_id, secret_id))
             mount, body = cfg.mount, {"role_id": role_id, "secret_id": secret_id}
         elif auth.kubernetes is not None:
             k8s = auth.kubernetes
             jwt = _read_secret(f"{where}.kubernetes.tokenPath", file=k8s.token_path)
-            self.secrets.append(jwt)
+            self.secrets.add(jwt)
             mount, body = k8s.mount, {"role": k8s.role, "jwt": jwt}
         else:
             assert auth.jwt is not None
             cfg_jwt = auth.jwt
             jwt = _read_secret(f"{where}.jwt", env=cfg_jwt.jwt_env, file=cfg_jwt.jwt_file)
-            self.secrets.append(jwt)
+            self.secrets.add(jwt)
             mount, body = cfg_jwt.mount, {"role": cfg_jwt.role, "jwt": jwt}
         path = f"auth/{mount}/login"
         lease = self._lease_from_auth(self._http.call("post", path, body=body), path, lifetime=None)

@@ -299,3 +299,69 @@ def test_unused_state_dir_is_not_needed_to_validate(workdir: Path) -> None:
     assert trustmgr("validate").code == 0
     assert not (workdir / "state").exists()
     shutil.rmtree(workdir / "out", ignore_errors=True)
+
+
+def test_verbose_and_debug_never_turn_on_sdk_debug_logs(workdir: Path) -> None:
+    """botocore, urllib3, hvac and kubernetes log headers and bodies (tokens,
+    keys) at DEBUG: -vv and --debug raise only trustmgr's own loggers."""
+    import logging
+
+    (workdir / "trustmgr.yaml").write_text(BASE)
+    assert trustmgr("-vv", "--debug", "validate").code == 0
+    for sdk in ("botocore", "boto3", "urllib3", "hvac", "kubernetes"):
+        assert logging.getLogger(sdk).getEffectiveLevel() >= logging.WARNING
+    assert logging.getLogger("trustmgr").getEffectiveLevel() == logging.DEBUG
+
+
+def test_material_repr_carries_no_key(quickstart: Path, workdir: Path) -> None:
+    from trustmgr.targets.directory import DirectoryTarget
+
+    assert trustmgr("-c", str(quickstart), "bootstrap").code == 0
+    material = DirectoryTarget(workdir / "out" / "web-east", cluster="web-east").read()
+    assert material is not None and b"PRIVATE KEY" in material.ca_key
+    assert "PRIVATE KEY" not in repr(material)
+
+
+@pytest.mark.parametrize(
+    ("domain", "why"),
+    [(".example", "a leading dot would permit every subdomain"), ("a..example", "empty label")],
+)
+def test_trust_domain_labels(workdir: Path, domain: str, why: str) -> None:
+    (workdir / "trustmgr.yaml").write_text(BASE.replace("web.example", domain))
+    run = trustmgr("validate")
+    assert run.code == 2, why
+    assert "is not a SPIFFE trust domain" in run.err
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (
+            ("trust", "graph", "-f", "svg", "--out", "no/such/dir/g.svg"),
+            "cannot write no/such/dir/g.svg",
+        ),
+        (
+            ("bundle", "export", "--mesh", "web", "--out", "no/such/dir/b.json"),
+            "cannot write no/such/dir/b.json",
+        ),
+        (("-c", "no/such/dir/trustmgr.yaml", "init"), "cannot write no/such/dir/trustmgr.yaml"),
+    ],
+)
+def test_unwritable_outputs_are_one_line(workdir: Path, args: tuple[str, ...], expect: str) -> None:
+    (workdir / "trustmgr.yaml").write_text(BASE)
+    assert trustmgr("bootstrap").code == 0
+    state = (workdir / "state" / "state.json").read_bytes()
+    run = trustmgr(*args)
+    assert run.code == 1
+    assert run.err.startswith(f"trustmgr: {expect}"), run.err
+    assert "unexpected" not in run.err
+    assert (workdir / "state" / "state.json").read_bytes() == state  # no bundle sequence bumped
+
+
+def test_too_long_a_duration_is_a_config_error(workdir: Path) -> None:
+    (workdir / "trustmgr.yaml").write_text(
+        BASE.replace("federations:", "intermediates: {ttl: 5000000d}\nfederations:")
+    )
+    run = trustmgr("validate")
+    assert run.code == 2
+    assert "intermediates.ttl: '5000000d' is longer than 100 years" in run.err

@@ -28,7 +28,7 @@ from trustmgr.engine import (
     rollback,
     spiffe_export,
 )
-from trustmgr.errors import ConfigError, TrustmgrError
+from trustmgr.errors import ConfigError, TargetError, TrustmgrError
 from trustmgr.federation import Federation, mesh_config_fragment
 from trustmgr.inspect import cluster_status, verify_all
 from trustmgr.planner import Action, Plan, Reload
@@ -84,10 +84,12 @@ adopt_option = click.option(
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path, verbose: int, debug: bool) -> None:
     """Multi-cluster trust and certificate manager for Istio."""
-    level = logging.WARNING - 10 * verbose if not debug else logging.DEBUG
-    logging.basicConfig(
-        level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
-    )
+    # Only trustmgr's own loggers get more verbose: SDKs (botocore, urllib3, hvac,
+    # kubernetes) log request headers and bodies at DEBUG, tokens and keys included.
+    if verbose:
+        for name in ("trustmgr", "providers"):
+            logging.getLogger(name).setLevel(max(logging.WARNING - 10 * verbose, logging.DEBUG))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = Context(config_path, debug, verbose > 0)
 
 
@@ -131,7 +133,10 @@ def init(obj: Context, force: bool) -> None:
     """Write a starter configuration."""
     if obj.config_path.exists() and not force:
         raise click.UsageError(f"{obj.config_path} exists; use --force to overwrite it")
-    obj.config_path.write_text(STARTER_CONFIG)
+    try:
+        write_atomic(obj.config_path, STARTER_CONFIG.encode())
+    except OSError as exc:
+        raise TargetError(f"cannot write {obj.config_path}: {exc.strerror}") from None
     click.echo(f"wrote {obj.config_path}; set TRUSTMGR_PASSPHRASE, then run `trustmgr plan`")
 
 
@@ -181,6 +186,8 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool, workers: int, a
             if plan.pending
             else "nothing to do"
         )
+    if any(c.action is Action.FAIL for c in plan.clusters):
+        sys.exit(EXIT_FAILED)  # a target that cannot be read: the plan is incomplete
     if detailed_exitcode and plan.pending:
         sys.exit(EXIT_CHANGES_PENDING)
 
@@ -448,8 +455,7 @@ def trust_graph(obj: Context, fmt: str, out: Path | None) -> None:
     if out is None:
         click.echo(text, nl=False)
     else:
-        write_atomic(out, text.encode())
-        click.echo(f"wrote {out}")
+        _write_output(out, text.encode())
 
 
 @cli.group("federation")
@@ -498,12 +504,21 @@ def bundle_export(obj: Context, mesh: str, out: Path | None, refresh_hint: int) 
         roots = ws.federation().meshes[mesh].roots
         if not roots:
             raise click.UsageError(f"mesh {mesh} has no root yet; run `trustmgr bootstrap` first")
+        if out is not None and not out.parent.is_dir():
+            raise TargetError(f"cannot write {out}: {out.parent} is not a directory")
         data = spiffe_export(ws, mesh, roots, refresh_hint)
     if out is None:
         click.echo(data.decode(), nl=False)
     else:
+        _write_output(out, data)
+
+
+def _write_output(out: Path, data: bytes) -> None:
+    try:
         write_atomic(out, data)
-        click.echo(f"wrote {out}")
+    except OSError as exc:
+        raise TargetError(f"cannot write {out}: {exc.strerror}") from None
+    click.echo(f"wrote {out}")
 
 
 def _known_mesh(ws: Workspace, mesh: str) -> None:

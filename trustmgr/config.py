@@ -19,7 +19,9 @@ from trustmgr.errors import ConfigError
 
 DEFAULT_CONFIG = "trustmgr.yaml"
 
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
+# Labels joined by single dots: a leading dot would make the URI name constraint
+# ".td" permit every subdomain of td (RFC 5280 4.2.1.10).
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -32,7 +34,8 @@ def _trust_domain(value: str) -> str:
         )
     if not _TRUST_DOMAIN.match(value) or len(value) > 255:
         raise ValueError(
-            f"{value!r} is not a SPIFFE trust domain: use lowercase letters, digits, '.', '-' and '_'"
+            f"{value!r} is not a SPIFFE trust domain: use lowercase letters, digits, '-' and '_' "
+            "in labels joined by single dots"
         )
     return value
 

@@ -368,13 +368,26 @@ def _apply_all(
     pending = [c for c in clusters if c.pending]
     if pending:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pending)))) as pool:
-            futures = [pool.submit(_apply_cluster, ws, current, c) for c in pending]
+            futures = [pool.submit(_apply_cluster_guarded, ws, current, c) for c in pending]
             for done, future in enumerate(as_completed(futures), 1):
                 outcome, record = future.result()
                 results[outcome.cluster] = (outcome, record)
                 if progress is not None:
                     progress(done, len(pending), outcome)
     return [results[c.cluster] for c in clusters]
+
+
+def _apply_cluster_guarded(
+    ws: Workspace, current: Pass, c: ClusterPlan
+) -> tuple[ClusterOutcome, ClusterRecord | None]:
+    """A bug met in one cluster fails that cluster only, so the records of the
+    clusters already written are still saved."""
+    try:
+        return _apply_cluster(ws, current, c)
+    except Exception as exc:
+        log.debug("cluster %s: unexpected error", c.cluster, exc_info=True)
+        error = f"unexpected {type(exc).__name__}; run with -vv for the traceback"
+        return _outcome(c, ok=False, error=error), None
 
 
 def spiffe_export(

@@ -24,7 +24,12 @@ def fetch(source: SpiffeBundleSource, *, mesh: str, timeout: float = 10.0) -> tu
                 f"mesh {mesh}: cannot read SPIFFE bundle {path}: {exc.strerror}"
             ) from None
     assert source.url is not None
-    context = ssl.create_default_context(cafile=source.ca_file)
+    try:
+        context = ssl.create_default_context(cafile=source.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise BadInputError(
+            f"mesh {mesh}: cannot use caFile {source.ca_file}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
     try:
         with urllib.request.urlopen(source.url, timeout=timeout, context=context) as response:  # noqa: S310 - https only, by config validation
             return response.read(MAX_BUNDLE_BYTES), source.url

@@ -209,7 +209,7 @@ class CACerts:
     """Istio's cacerts material, as bytes exactly as written."""
 
     ca_cert: bytes
-    ca_key: bytes
+    ca_key: bytes = field(repr=False)
     cert_chain: bytes
     root_cert: bytes
 

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +42,7 @@ class _Secret:
 
     resource_version: str
     type: str
-    data: dict[str, str]
+    data: dict[str, str] = field(repr=False)
     labels: dict[str, str]
     annotations: dict[str, str]
 
