@@ -215,3 +215,24 @@ def test_other_key_algorithms(quickstart: Path, algorithm: str) -> None:
     )
     plan = json.loads(trustmgr("-c", str(quickstart), "plan", "-o", "json").out)
     assert {c["reason"] for c in plan["clusters"]} == {"KeyAlgorithmChanged"}
+
+
+def test_a_root_expiring_inside_renew_before_does_not_renew_every_run(workdir: Path) -> None:
+    """The CA is clamped to its root's notAfter; renewing cannot extend it, so
+    re-runs converge and the plan says to rotate the root."""
+    (workdir / "trustmgr.yaml").write_text(
+        """\
+stateStore: {file: {path: state}}
+providers:
+  short: {selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE, ttl: 100h}}
+meshes:
+  m: {trustDomain: m.example, provider: short, clusters: {c1: {directory: {path: out/c1}}}}
+"""
+    )
+    assert trustmgr("bootstrap").code == 0
+    before = snapshot(workdir)
+    assert "0 changed, 1 up to date" in trustmgr("bootstrap").out
+    assert snapshot(workdir) == before
+    plan = json.loads(trustmgr("plan", "-o", "json").out)["clusters"][0]
+    assert (plan["action"], plan["reason"]) == ("none", "IssuerExpiring")
+    assert "rotate the provider's root" in plan["message"]

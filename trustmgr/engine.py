@@ -463,7 +463,9 @@ def _apply_cluster(
             material = _material_for(ws, c, d, seen.material, issued)
             if c.action is not Action.UPDATE_BUNDLE:
                 issued = material
-            problems = istiod_problems(material, now=ws.clock())
+            # Everything the next observation would object to, not only istiod's
+            # load checks: otherwise every run would re-issue.
+            problems = observe(material, trust_domain=d.trust_domain, now=ws.clock()).problems
             if problems:
                 raise TrustmgrError(
                     f"refusing to write material istiod would reject: {problems[0]}"

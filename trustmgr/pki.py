@@ -303,6 +303,8 @@ class ObservedCA:
     trust_domain: str | None = None
     key_algorithm: KeyAlgorithm | None = None
     chain_root: str | None = None
+    issuer_not_after: datetime | None = None
+    """When the CA's issuer expires: a renewal cannot reach past it."""
     bundle: tuple[str, ...] = ()
     problems: tuple[str, ...] = field(default=())
 
@@ -411,8 +413,9 @@ def observe(material: CACerts, *, trust_domain: str | None, now: datetime) -> Ob
     try:
         chain = load_certificates(material.cert_chain, "cert-chain.pem")
         chain_root = fingerprint(chain[-1]) if is_self_signed(chain[-1]) else None
+        issuer_not_after = chain[1].not_valid_after_utc if len(chain) > 1 else None
     except BadMaterialError:
-        chain_root = None
+        chain_root, issuer_not_after = None, None
     return ObservedCA(
         digest=material.digest(),
         fingerprint=fingerprint(ca),
@@ -421,6 +424,7 @@ def observe(material: CACerts, *, trust_domain: str | None, now: datetime) -> Ob
         trust_domain=trust_domain_of(ca),
         key_algorithm=key_algorithm_of(ca.public_key()),
         chain_root=chain_root,
+        issuer_not_after=issuer_not_after,
         bundle=bundle,
         problems=tuple(dict.fromkeys(problems)),
     )

@@ -201,11 +201,31 @@ def _key_algorithm_changed(d: DesiredCluster, o: ObservedCluster, now: datetime)
 def _renewal_due(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
     m = o.material
     if m is not None and m.not_after is not None and now >= m.not_after - d.renew_before:
+        if m.issuer_not_after is not None and m.not_after >= m.issuer_not_after:
+            return None  # a new CA would end no later: renewing every run changes nothing
         left = m.not_after - now
         return (
             Action.RENEW,
             "RenewalDue",
             f"expires in {_human(left)}, inside renewBefore {_human(d.renew_before)}",
+        )
+    return None
+
+
+def _issuer_expiring(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
+    m = o.material
+    if (
+        m is not None
+        and m.not_after is not None
+        and m.issuer_not_after is not None
+        and m.not_after >= m.issuer_not_after
+        and now >= m.not_after - d.renew_before
+    ):
+        return (
+            Action.NONE,
+            "IssuerExpiring",
+            f"the CA ends with its issuer on {m.issuer_not_after:%Y-%m-%d}; renewing cannot "
+            f"extend it: rotate the provider's root",
         )
     return None
 
@@ -236,6 +256,7 @@ POLICIES: tuple[Policy, ...] = (
     _key_algorithm_changed,
     _renewal_due,
     _bundle_changed,
+    _issuer_expiring,
 )
 
 
