@@ -365,3 +365,15 @@ def test_too_long_a_duration_is_a_config_error(workdir: Path) -> None:
     run = trustmgr("validate")
     assert run.code == 2
     assert "intermediates.ttl: '5000000d' is longer than 100 years" in run.err
+
+
+def test_validate_asks_no_provider_anything(workdir: Path) -> None:
+    """validate checks the file only: a dead Vault address is found by plan, not here."""
+    text = BASE.replace(
+        "    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}",
+        "    vault: {address: 'http://127.0.0.1:9', auth: {token: {env: NO_TOKEN_HERE}}}",
+    )
+    (workdir / "trustmgr.yaml").write_text(text)
+    run = trustmgr("validate")
+    assert run.code == 0, run.err
+    assert "meshes web and api share provider corp" not in run.err  # they are federated

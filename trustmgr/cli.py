@@ -29,7 +29,7 @@ from trustmgr.engine import (
     spiffe_export,
 )
 from trustmgr.errors import ConfigError, TargetError, TrustmgrError
-from trustmgr.federation import Federation, mesh_config_fragment
+from trustmgr.federation import Finding, config_findings, mesh_config_fragment
 from trustmgr.inspect import cluster_status, verify_all
 from trustmgr.planner import Action, Plan, Reload
 
@@ -146,8 +146,7 @@ def validate(obj: Context) -> None:
     """Check the configuration; list every problem."""
     cfg = obj.config()
     clusters = sum(len(m.clusters) for m in cfg.meshes.values())
-    with Workspace.build(cfg, clock=now_utc) as ws:
-        _findings(ws.federation())
+    _print_findings(config_findings(cfg))  # offline: no provider is asked anything
     click.echo(
         f"{obj.config_path}: valid ({len(cfg.providers)} providers, {len(cfg.meshes)} meshes, "
         f"{clusters} clusters, {len(cfg.federations)} federations)"
@@ -397,8 +396,8 @@ def trust() -> None:
     """Who trusts whom: the trust matrix and the federation graph."""
 
 
-def _findings(federation: Federation) -> None:
-    for finding in federation.findings():
+def _print_findings(findings: list[Finding]) -> None:
+    for finding in findings:
         click.echo(f"{finding.level}: {finding.message}", err=True)
 
 
@@ -433,7 +432,7 @@ def trust_matrix(obj: Context, output: str) -> None:
         click.echo(
             "root*: the chain verifies through a shared root, but the trust-domain check rejects it"
         )
-    _findings(federation)
+    _print_findings(federation.findings())
 
 
 @trust.command("graph")

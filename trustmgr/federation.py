@@ -138,18 +138,7 @@ class Federation:
                                 "give each its own provider for a hard boundary",
                             )
                         )
-        for federation in self.config.federations:
-            for member in federation.meshes:
-                if not self.meshes[member].constrained:
-                    out.append(
-                        Finding(
-                            "warning",
-                            f"federation {'/'.join(federation.meshes)} includes {member}, whose CAs "
-                            "may lack name constraints: its CAs could mint identities of any trust "
-                            "domain its peers accept",
-                        )
-                    )
-        return out
+        return out + _external_findings(self.config)
 
 
 def order_bundle(canonical: TrustBundle, previous: tuple[str, ...]) -> TrustBundle:
@@ -179,3 +168,41 @@ def mesh_config_fragment(
             if m.roots
         ]
     return {"meshConfig": mesh_config}
+
+
+def config_findings(config: Config) -> list[Finding]:
+    """What the configuration alone shows, without asking any provider for its
+    roots: meshes that share a provider share its root."""
+    out: list[Finding] = []
+    names = list(config.meshes)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            provider = config.meshes[a].provider
+            if (
+                provider
+                and provider == config.meshes[b].provider
+                and b not in config.federated_with(a)
+            ):
+                out.append(
+                    Finding(
+                        "warning",
+                        f"meshes {a} and {b} share provider {provider}, so its root, without a "
+                        "federation: isolation rests on trust-domain checks and name constraints; "
+                        "give each its own provider for a hard boundary",
+                    )
+                )
+    return out + _external_findings(config)
+
+
+def _external_findings(config: Config) -> list[Finding]:
+    return [
+        Finding(
+            "warning",
+            f"federation {'/'.join(federation.meshes)} includes {member}, whose CAs "
+            "may lack name constraints: its CAs could mint identities of any trust "
+            "domain its peers accept",
+        )
+        for federation in config.federations
+        for member in federation.meshes
+        if config.meshes[member].external is not None
+    ]
