@@ -64,6 +64,12 @@ class SelfSignedProvider:
     def roots(self) -> tuple[x509.Certificate, ...]:
         data = self._store.load(f"{self.name}/{ROOT_CERT}")
         if data is None:
+            if self._store.load(f"{self.name}/{ROOT_KEY}") is not None:
+                raise ProviderNeedsFixError(
+                    f"provider {self.name}: {ROOT_KEY} is stored without {ROOT_CERT}: restore "
+                    f"{ROOT_CERT} from a backup (or, to start a new root and re-issue every "
+                    f"cluster under it, remove {ROOT_KEY})"
+                )
             return ()
         try:
             return (x509.load_pem_x509_certificate(data),)

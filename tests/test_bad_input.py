@@ -216,6 +216,20 @@ CASES = [
         after_bootstrap=True,
     ),
     Case(
+        "root-cert-lost",
+        "root-key.pem is stored without root-cert.pem: restore root-cert.pem from a backup",
+        2,
+        lambda w: (w / "state/providers/corp/root-cert.pem").unlink(),
+        after_bootstrap=True,
+    ),
+    Case(
+        "whole-root-lost",
+        "provider corp has no root, yet clusters api-1, web-1 were issued under one",
+        2,
+        lambda w: shutil.rmtree(w / "state/providers/corp"),
+        after_bootstrap=True,
+    ),
+    Case(
         "malformed-state-json",
         "state/state.json is not valid JSON",
         2,

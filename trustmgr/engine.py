@@ -266,6 +266,7 @@ class Workspace:
         if errors:
             raise BadInputError(errors[0])
         missing = [name for name, m in federation.meshes.items() if not m.roots and m.provider]
+        _refuse_root_swap(state, missing, self.config)
         bundles = {mesh: federation.bundle(mesh) for mesh in self.config.meshes}
         desired = [
             self.desired_cluster(c, bundles[self.meshes_of[c]], seen[c], adopt=adopt)
@@ -292,6 +293,19 @@ class Workspace:
 
 def _observed(seen: Seen, record: ClusterRecord | None) -> ObservedCluster:
     return ObservedCluster(seen.observed, record, seen.error, seen.foreign)
+
+
+def _refuse_root_swap(state: State, rootless_meshes: list[str], config: Config) -> None:
+    """A provider without a root whose clusters were issued under one has lost
+    it: creating a new root would swap every cluster's trust at once."""
+    for provider in sorted({config.meshes[m].provider or "" for m in rootless_meshes}):
+        issued = sorted(c for c, r in state.clusters.items() if r.provider == provider)
+        if issued:
+            raise BadInputError(
+                f"provider {provider} has no root, yet clusters {', '.join(issued)} were issued "
+                f"under one: restore providers/{provider}/ in the state store from a backup "
+                "(to start over with a new root, remove the state's state.json first)"
+            )
 
 
 def missing_providers(ws: Workspace, meshes: list[str]) -> list[str]:
