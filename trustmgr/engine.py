@@ -5,8 +5,8 @@ without writing (config, state, roots, passphrases, target writability) is
 checked before the first write; each cluster is then written all-or-nothing,
 and one cluster failing never stops the others.
 
-Targets are read once per pass. When the state store moved while the pass
-waited for its lock (another run saved), they are read again; otherwise the
+Targets are read once per pass. When the state store moved between that
+reading and taking the lock (another run saved), they are read again; otherwise the
 first reading stands, since a target that changed since is caught by the write
 itself: a Kubernetes write carries the resourceVersion it read and answers a
 conflict, upon which that cluster alone is read again and planned again."""
