@@ -236,3 +236,29 @@ meshes:
     plan = json.loads(trustmgr("plan", "-o", "json").out)["clusters"][0]
     assert (plan["action"], plan["reason"]) == ("none", "IssuerExpiring")
     assert "rotate the provider's root" in plan["message"]
+
+
+def test_each_provider_is_asked_for_its_roots_once_per_pass(
+    quickstart: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For Vault and AWS every roots() is a network call: one per provider per pass."""
+    assert trustmgr("-c", str(quickstart), "bootstrap").code == 0
+    ws = Workspace.build(config_mod.load(quickstart), clock=lambda: datetime.now(UTC))
+    calls: dict[str, int] = {}
+    for name, provider in ws.providers.items():
+        original = provider.roots
+
+        def counted(name: str = name, original: object = original) -> object:
+            calls[name] = calls.get(name, 0) + 1
+            return original()  # type: ignore[operator]
+
+        monkeypatch.setattr(provider, "roots", counted)
+    quickstart.write_text(
+        quickstart.read_text().replace("[payments, web]", "[payments, web, admin]")
+    )
+    ws = Workspace.build(
+        config_mod.load(quickstart), clock=lambda: datetime.now(UTC), providers=ws.providers
+    )
+    report = apply(ws)
+    assert report.ok and report.changed  # admin's bundle changed
+    assert calls == {"pci-root": 1, "corp-root": 1}

@@ -140,6 +140,7 @@ class Workspace:
     targets: dict[str, Target]
     meshes_of: dict[str, str] = field(default_factory=dict)
     _external: dict[str, SpiffeBundle] = field(default_factory=dict)
+    _roots: dict[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -187,10 +188,21 @@ class Workspace:
     def cluster_config(self, cluster: str) -> ClusterConfig:
         return self.config.meshes[self.meshes_of[cluster]].clusters[cluster]
 
+    def new_pass(self) -> None:
+        """Forget what providers and external meshes said: a pass asks each once."""
+        self._roots.clear()
+        self._external.clear()
+
+    def provider_roots(self, name: str) -> tuple[x509.Certificate, ...]:
+        """The provider's roots, asked for once per pass (a network call for Vault and AWS)."""
+        if name not in self._roots:
+            self._roots[name] = self.providers[name].roots()
+        return self._roots[name]
+
     def federation(self) -> Federation:
         """Every mesh with its current roots: providers' for issued meshes, the
         imported SPIFFE bundle for external ones."""
-        provider_roots = {name: p.roots() for name, p in self.providers.items()}
+        provider_roots = {name: self.provider_roots(name) for name in self.providers}
         meshes = {}
         for name, mesh in self.config.meshes.items():
             if mesh.external is not None:
@@ -334,6 +346,7 @@ def _locked(ws: Workspace) -> Iterator[State]:
 
 def make_plan(ws: Workspace, *, workers: int = 16, adopt: bool = False) -> Plan:
     """The plan, with no side effect beyond reading."""
+    ws.new_pass()
     return ws.plan(ws.store.load(), workers, adopt=adopt).plan
 
 
@@ -342,6 +355,7 @@ def apply(
 ) -> Report:
     """Bring every target to the desired state. Writes nothing when converged.
     ``adopt`` lets it replace cacerts that trustmgr did not create."""
+    ws.new_pass()
     loaded = ws.store.load()
     seen = ws.observe(workers)
     first = ws.decide(loaded, seen, adopt=adopt).plan
@@ -357,6 +371,7 @@ def apply(
             provider = ws.providers[provider_plan.provider]
             assert isinstance(provider, SelfSignedProvider)
             provider.create_root()
+            ws._roots.pop(provider_plan.provider, None)
             log.info("created the root of provider %s", provider_plan.provider)
             created.append(provider_plan.provider)
         if created:  # the bundles now hold the new roots
