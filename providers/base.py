@@ -11,12 +11,17 @@ Messages never carry tokens, keys or passphrases.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
+
+BACKDATE = timedelta(minutes=5)
+"""How far a new CA's notBefore is set in the past, so a peer with a slow clock accepts it."""
 
 Clock = Callable[[], datetime]
 """Returns the current time, timezone-aware UTC. Injected so tests control time."""
@@ -74,3 +79,25 @@ class BlobStore(Protocol):
     def load(self, name: str) -> bytes | None: ...
 
     def save(self, name: str, data: bytes, *, secret: bool) -> None: ...
+
+
+def read_secret(source: str, *, env: str | None = None, file: str | None = None) -> str:
+    """The value of environment variable ``env``, or the content of ``file``
+    without surrounding whitespace. ``source`` names what is read, for messages;
+    the value itself never appears in one."""
+    if file:
+        path = Path(file).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise ProviderNeedsFixError(
+                f"{source}: cannot read {path}: {exc.strerror or 'unreadable'}"
+            ) from None
+        if not value:
+            raise ProviderNeedsFixError(f"{source}: {path} is empty")
+        return value
+    assert env is not None
+    value = os.environ.get(env, "")
+    if not value.strip():
+        raise ProviderNeedsFixError(f"{source}: environment variable {env} is empty or unset")
+    return value

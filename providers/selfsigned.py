@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -12,12 +10,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from providers.base import BlobStore, Clock, ProviderNeedsFixError, SignedCA
+from providers.base import (
+    BACKDATE,
+    BlobStore,
+    Clock,
+    ProviderNeedsFixError,
+    SignedCA,
+    read_secret,
+)
 from providers.config import SelfSignedConfig
 from providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
-
-BACKDATE = timedelta(minutes=5)
-"""notBefore is set this far in the past, so a peer with a slow clock accepts the cert."""
 
 _COPIED_FROM_CSR = (x509.SubjectAlternativeName, x509.NameConstraints)
 
@@ -41,25 +43,11 @@ class SelfSignedProvider:
 
     def _passphrase(self) -> bytes:
         cfg = self._config
-        if cfg.passphrase_env:
-            value = os.environ.get(cfg.passphrase_env)
-            if not value:
-                raise ProviderNeedsFixError(
-                    f"provider {self.name}: environment variable {cfg.passphrase_env} "
-                    "is empty or unset; it must hold the root key passphrase"
-                )
-            return value.encode()
-        assert cfg.passphrase_file is not None
-        path = Path(cfg.passphrase_file).expanduser()
-        try:
-            value = path.read_text().strip()
-        except OSError as exc:
-            raise ProviderNeedsFixError(
-                f"provider {self.name}: cannot read passphraseFile {path}: {exc.strerror}"
-            ) from None
-        if not value:
-            raise ProviderNeedsFixError(f"provider {self.name}: passphraseFile {path} is empty")
-        return value.encode()
+        return read_secret(
+            f"provider {self.name}: root key passphrase",
+            env=cfg.passphrase_env,
+            file=cfg.passphrase_file,
+        ).encode()
 
     def roots(self) -> tuple[x509.Certificate, ...]:
         data = self._store.load(f"{self.name}/{ROOT_CERT}")

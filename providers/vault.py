@@ -27,7 +27,6 @@ renewal are serialised by a lock; the requests session is shared.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import threading
@@ -48,19 +47,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from providers.base import (
+    BACKDATE,
     Clock,
     ProviderError,
     ProviderNeedsFixError,
     ProviderTransientError,
     SignedCA,
+    read_secret,
 )
 from providers.chains import is_self_signed, issued_by
 from providers.config import VaultAuth, VaultConfig
 
 log = logging.getLogger(__name__)
-
-BACKDATE: Final = timedelta(minutes=5)
-"""notBefore is set this far in the past, so a peer with a slow clock accepts the cert."""
 
 RENEW_FRACTION: Final = 1 / 3
 """The token is renewed once less than this share of its lifetime remains."""
@@ -250,23 +248,8 @@ def _chain_up(
 
 
 def _read_secret(source: str, *, env: str | None = None, file: str | None = None) -> str:
-    """The value of an environment variable or the stripped content of a file."""
-    if file:
-        path = Path(file).expanduser()
-        try:
-            value = path.read_text().strip()
-        except OSError as exc:
-            raise ProviderNeedsFixError(
-                f"{source}: cannot read {path}: {exc.strerror or 'unreadable'}"
-            ) from None
-        if not value:
-            raise ProviderNeedsFixError(f"{source}: {path} is empty")
-        return value
-    assert env is not None
-    value = os.environ.get(env, "").strip()
-    if not value:
-        raise ProviderNeedsFixError(f"{source}: environment variable {env} is empty or unset")
-    return value
+    # Tokens and ids carry no meaningful surrounding whitespace, from a file or not.
+    return read_secret(source, env=env, file=file).strip()
 
 
 def _signed_chain(answer: Answer, path: str) -> tuple[x509.Certificate, ...]:

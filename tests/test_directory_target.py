@@ -7,20 +7,15 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.conftest import Run, snapshot, trustmgr
-from trustmgr.bundles import pem
+from tests.workload import handmade_cacerts
 from trustmgr.errors import TargetError
-from trustmgr.pki import CACERTS_FILES, CACerts, private_key_pem
+from trustmgr.pki import CACERTS_FILES, CACerts
 from trustmgr.targets import directory as directory_mod
 from trustmgr.targets.directory import DirectoryTarget
 
@@ -65,32 +60,6 @@ def plan_of(config: Path, *args: str) -> dict[str, Any]:
 
 def status_of(config: Path) -> dict[str, Any]:
     return {r["cluster"]: r for r in json.loads(run(config, "status", "-o", "json").out)}
-
-
-def handmade_cacerts() -> CACerts:
-    """A root and an intermediate made by hand, as with Istio's tools/certs."""
-    now = datetime.now(UTC)
-
-    def cert(subject: str, key: Any, issuer: str, signer: Any, pathlen: int | None) -> Any:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
-            .sign(signer, hashes.SHA256())
-        )
-
-    root_key, ca_key = (
-        ec.generate_private_key(ec.SECP256R1()),
-        ec.generate_private_key(ec.SECP256R1()),
-    )
-    root = cert("Root CA", root_key, "Root CA", root_key, None)
-    ca = cert("Intermediate CA", ca_key, "Root CA", root_key, 0)
-    return CACerts(pem(ca), private_key_pem(ca_key), pem(ca) + pem(root), pem(root))
 
 
 def write_handmade(directory: Path) -> dict[str, bytes]:

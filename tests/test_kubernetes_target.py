@@ -31,6 +31,7 @@ from tenacity import RetryCallState
 from tests.conftest import Run, trustmgr
 from tests.kube_emulator import Fault, KubeEmulator, merge_kubeconfigs
 from tests.kube_fixtures import KubeEmulatorFactory, kube_emulator_factory
+from tests.workload import handmade_cacerts
 from trustmgr.bundles import pem
 from trustmgr.pki import CACERTS_FILES, CACerts, istiod_problems, private_key_pem
 from trustmgr.targets import kubeapi
@@ -136,32 +137,6 @@ def secret_body(
         "metadata": {"name": name, "namespace": NS, "labels": labels or {}},
         "data": {k: base64.b64encode(v).decode() for k, v in material.files().items()},
     }
-
-
-def handmade_cacerts() -> CACerts:
-    """A root and an intermediate made by hand, as with Istio's tools/certs."""
-    now = datetime.now(UTC)
-
-    def cert(subject: str, key: Any, issuer: str, signer: Any, pathlen: int | None) -> Any:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
-            .sign(signer, hashes.SHA256())
-        )
-
-    root_key, ca_key = (
-        ec.generate_private_key(ec.SECP256R1()),
-        ec.generate_private_key(ec.SECP256R1()),
-    )
-    root = cert("Root CA", root_key, "Root CA", root_key, None)
-    ca = cert("Intermediate CA", ca_key, "Root CA", root_key, 0)
-    return CACerts(pem(ca), private_key_pem(ca_key), pem(ca) + pem(root), pem(root))
 
 
 @pytest.fixture

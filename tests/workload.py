@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import NameOID
 
 from tests.envoy_harness import issue_workload_cert
+from trustmgr.bundles import pem
+from trustmgr.pki import CACerts, private_key_pem
 
 
 def load_cluster_ca(directory: Path) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
@@ -62,3 +67,29 @@ def assert_openssl_enforces_trust_domain(
     )
     assert result.returncode != 0
     assert "permitted subtree violation" in result.stderr, result.stderr
+
+
+def handmade_cacerts() -> CACerts:
+    """A root and an intermediate made by hand, as with Istio's tools/certs."""
+    now = datetime.now(UTC)
+
+    def cert(subject: str, key: Any, issuer: str, signer: Any, pathlen: int | None) -> Any:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
+            .sign(signer, hashes.SHA256())
+        )
+
+    root_key, ca_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    root = cert("Root CA", root_key, "Root CA", root_key, None)
+    ca = cert("Intermediate CA", ca_key, "Root CA", root_key, 0)
+    return CACerts(pem(ca), private_key_pem(ca_key), pem(ca) + pem(root), pem(root))

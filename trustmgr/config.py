@@ -22,8 +22,8 @@ DEFAULT_CONFIG = "trustmgr.yaml"
 # Labels joined by single dots: a leading dot would make the URI name constraint
 # ".td" permit every subdomain of td (RFC 5280 4.2.1.10).
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_NAME = re.compile(_DNS_LABEL)
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 

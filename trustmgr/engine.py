@@ -545,12 +545,8 @@ def _restart_if_needed(ws: Workspace, c: ClusterPlan, target: Target) -> Cluster
     """After a write istiod cannot hot-reload: restart it if allowed, else say so."""
     if c.reload is not Reload.RESTART:
         return _outcome(c, ok=True)
-    if not ws.cluster_config(c.cluster).istio.restart_istiod or not isinstance(
-        target, IstiodRestarter
-    ):
-        return _outcome(c, ok=True, istiod=RESTART_NEEDED)
     try:
-        target.restart_istiod()
+        return _outcome(c, ok=True, istiod=_restart_istiod(ws, c.cluster, target))
     except TargetError as exc:
         return _outcome(
             c,
@@ -558,7 +554,16 @@ def _restart_if_needed(ws: Workspace, c: ClusterPlan, target: Target) -> Cluster
             error=f"cacerts written, but istiod could not be restarted: {exc}",
             istiod=RESTART_NEEDED,
         )
-    return _outcome(c, ok=True, istiod=RESTARTED)
+
+
+def _restart_istiod(ws: Workspace, cluster: str, target: Target) -> str:
+    """Restart istiod if the cluster allows it and the target can; say which."""
+    if not ws.cluster_config(cluster).istio.restart_istiod or not isinstance(
+        target, IstiodRestarter
+    ):
+        return RESTART_NEEDED
+    target.restart_istiod()
+    return RESTARTED
 
 
 def _material_for(
@@ -649,16 +654,12 @@ def _restart_after_rollback(
         is Reload.HOT
     ):
         return None
-    target = ws.targets[cluster]
-    if not istio.restart_istiod or not isinstance(target, IstiodRestarter):
-        return RESTART_NEEDED
     try:
-        target.restart_istiod()
+        return _restart_istiod(ws, cluster, ws.targets[cluster])
     except TargetError as exc:
         raise TargetError(
             f"cluster {cluster}: rolled back, but istiod could not be restarted: {exc}"
         ) from None
-    return RESTARTED
 
 
 def now_utc() -> datetime:
