@@ -117,6 +117,14 @@ CASES = [
         ),
     ),
     Case(
+        "no-meshes",
+        "trustmgr.yaml:2: meshes: needs at least 1 entry",
+        2,
+        write(
+            "trustmgr.yaml", b"providers: {corp: {selfSigned: {passphraseEnv: X}}}\nmeshes: {}\n"
+        ),
+    ),
+    Case(
         "dangling-federation",
         "federations[0].meshes[1]: unknown mesh 'apii'",
         2,

@@ -340,6 +340,9 @@ def _pydantic_problems(exc: ValidationError) -> list[_Problem]:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = f"unknown key {loc[-1]!r}"
+        elif error["type"] == "too_short":
+            least = (error.get("ctx") or {}).get("min_length", 1)
+            message = f"needs at least {least} {'entry' if least == 1 else 'entries'}"
         elif error["type"] == "missing":
             message = f"{loc[-1]} is required"
         problems.append(_Problem(loc, message))
