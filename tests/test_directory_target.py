@@ -105,6 +105,7 @@ def test_adopt_replaces_handmade_cacerts_and_rollback_brings_them_back(
 ) -> None:
     directory = workdir / "out" / "web-1"
     old = write_handmade(directory)
+    (directory / "ca-key.pem").chmod(0o644)  # as tools/certs leaves it under umask 022
 
     assert plan_of(config, "--adopt")["web-1"]["reason"] == "Adopt"
     ok(config, "bootstrap", "--adopt")

@@ -242,6 +242,8 @@ class DirectoryTarget:
                 try:
                     content = source.read_bytes()
                     mode = stat.S_IMODE(source.stat().st_mode)
+                    if name in _SECRET_FILES:  # a key trustmgr writes is never readable by others
+                        mode &= 0o600
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 _write_file(kept / name, content, mode)
