@@ -4,7 +4,7 @@ A provider knows cryptography and its own SDK, nothing of meshes, clusters,
 Kubernetes or rotation. trustmgr checks every answer before using it.
 """
 
-from providers.base import (
+from trustmgr.providers.base import (
     BlobStore,
     Clock,
     Provider,

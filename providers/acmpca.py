@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from providers.base import (
+from trustmgr.providers.base import (
     Clock,
     ProviderError,
     ProviderNeedsFixError,
     ProviderTransientError,
     SignedCA,
 )
-from providers.chains import is_self_signed
-from providers.config import AcmPcaConfig
+from trustmgr.providers.chains import is_self_signed
+from trustmgr.providers.config import AcmPcaConfig
 
 if TYPE_CHECKING:
     from typing import Unpack

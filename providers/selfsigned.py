@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from providers.base import (
+from trustmgr.providers.base import (
     BACKDATE,
     BlobStore,
     Clock,
@@ -18,8 +18,8 @@ from providers.base import (
     SignedCA,
     read_secret,
 )
-from providers.config import SelfSignedConfig
-from providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
+from trustmgr.providers.config import SelfSignedConfig
+from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
 
 _COPIED_FROM_CSR = (x509.SubjectAlternativeName, x509.NameConstraints)
 

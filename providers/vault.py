@@ -46,7 +46,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from providers.base import (
+from trustmgr.providers.base import (
     BACKDATE,
     Clock,
     ProviderError,
@@ -55,8 +55,8 @@ from providers.base import (
     SignedCA,
     read_secret,
 )
-from providers.chains import is_self_signed, issued_by
-from providers.config import VaultAuth, VaultConfig
+from trustmgr.providers.chains import is_self_signed, issued_by
+from trustmgr.providers.config import VaultAuth, VaultConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from providers.config import VaultConfig  # noqa: E402
-from providers.vault import VaultProvider  # noqa: E402
 from tests.openbao import VaultPKI, setup_pki, sign_rate, start_openbao  # noqa: E402
+from trustmgr.providers.config import VaultConfig  # noqa: E402
+from trustmgr.providers.vault import VaultProvider  # noqa: E402
 
 
 def config(pki: VaultPKI, clusters: int) -> str:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from providers import Provider
-from providers.keys import KeyAlgorithm
 from tests.workload import assert_openssl_enforces_trust_domain
 from trustmgr.bundles import TrustBundle
 from trustmgr.pki import assemble, check_signed_ca, cluster_ca_request, istiod_problems
+from trustmgr.providers import Provider
+from trustmgr.providers.keys import KeyAlgorithm
 
 TRUST_DOMAIN = "conformance.test"
 

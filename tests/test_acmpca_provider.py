@@ -38,10 +38,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
-from providers import Provider, ProviderNeedsFixError, ProviderTransientError
-from providers.acmpca import AcmPcaProvider, build_client, default_template_arn
-from providers.config import AcmPcaConfig
-from providers.keys import KeyAlgorithm, ca_key_usage
 from tests.conformance import ProviderConformance
 from tests.moto_server import MotoServer
 from tests.workload import assert_openssl_enforces_trust_domain
@@ -49,8 +45,12 @@ from trustmgr.bundles import load_certificates
 from trustmgr.config import load as load_config
 from trustmgr.engine import Workspace, apply
 from trustmgr.errors import ProviderAnswerError
-from trustmgr.inspect import verify_all
 from trustmgr.pki import check_signed_ca, cluster_ca_request, uri_sans
+from trustmgr.providers import Provider, ProviderNeedsFixError, ProviderTransientError
+from trustmgr.providers.acmpca import AcmPcaProvider, build_client, default_template_arn
+from trustmgr.providers.config import AcmPcaConfig
+from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage
+from trustmgr.status import verify_all
 
 if TYPE_CHECKING:
     from mypy_boto3_acm_pca.client import ACMPCAClient
@@ -597,7 +597,7 @@ def test_constructing_the_provider_does_no_io() -> None:
 
 def test_the_core_imports_without_boto3() -> None:
     code = (
-        "import sys; import providers.acmpca, providers.config; "
+        "import sys; import trustmgr.providers.acmpca, trustmgr.providers.config; "
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')]; "
         "assert not loaded, loaded"
     )

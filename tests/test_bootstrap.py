@@ -15,9 +15,9 @@ from tests.workload import assert_openssl_enforces_trust_domain
 from trustmgr import config as config_mod
 from trustmgr.bundles import TrustBundle
 from trustmgr.engine import Workspace, apply
-from trustmgr.inspect import cluster_status, verify_all
 from trustmgr.pki import CACerts, istiod_problems, observe
 from trustmgr.planner import Action
+from trustmgr.status import cluster_status, verify_all
 
 CLUSTERS = {
     "pci-east": "payments.example",

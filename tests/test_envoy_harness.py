@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from providers.keys import ca_key_usage
 from tests.envoy_harness import (
     EnvoyListener,
     EnvoyStartError,
@@ -30,6 +29,7 @@ from tests.envoy_harness import (
     running,
     write_workload_files,
 )
+from trustmgr.providers.keys import ca_key_usage
 
 pytestmark = pytest.mark.skipif(
     envoy_binary() is None,

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from providers import ProviderNeedsFixError
-from providers.config import SelfSignedConfig
-from providers.keys import KeyAlgorithm, key_algorithm_of
-from providers.selfsigned import SelfSignedProvider
 from tests.conformance import ProviderConformance
 from trustmgr.pki import cluster_ca_request
+from trustmgr.providers import ProviderNeedsFixError
+from trustmgr.providers.config import SelfSignedConfig
+from trustmgr.providers.keys import KeyAlgorithm, key_algorithm_of
+from trustmgr.providers.selfsigned import SelfSignedProvider
 from trustmgr.state.file import FileStateStore
 
 

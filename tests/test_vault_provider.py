@@ -26,10 +26,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from providers import ProviderNeedsFixError, ProviderTransientError
-from providers.config import VaultConfig
-from providers.keys import KeyAlgorithm
-from providers.vault import VaultProvider
 from tests.conformance import TRUST_DOMAIN, ProviderConformance
 from tests.openbao import (
     SIGNER_POLICY,
@@ -45,6 +41,10 @@ from tests.openbao import (
     start_openbao,
 )
 from trustmgr.pki import check_signed_ca, cluster_ca_request
+from trustmgr.providers import ProviderNeedsFixError, ProviderTransientError
+from trustmgr.providers.config import VaultConfig
+from trustmgr.providers.keys import KeyAlgorithm
+from trustmgr.providers.vault import VaultProvider
 
 HOUR = timedelta(hours=1)
 

@@ -14,7 +14,6 @@ from typing import Any
 import click
 import yaml
 
-from providers import ProviderError, ProviderNeedsFixError
 from trustmgr import __version__, graph
 from trustmgr import config as config_mod
 from trustmgr.atomic import write_atomic
@@ -30,8 +29,9 @@ from trustmgr.engine import (
 )
 from trustmgr.errors import ConfigError, TargetError, TrustmgrError
 from trustmgr.federation import Finding, config_findings, mesh_config_fragment
-from trustmgr.inspect import cluster_status, verify_all
 from trustmgr.planner import Action, Plan, Reload
+from trustmgr.providers import ProviderError, ProviderNeedsFixError
+from trustmgr.status import cluster_status, verify_all
 
 log = logging.getLogger("trustmgr")
 

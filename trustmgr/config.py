@@ -13,9 +13,10 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from providers.config import Duration, Model, ProviderConfig
-from providers.keys import KeyAlgorithm
 from trustmgr.errors import ConfigError
+from trustmgr.providers.config import ProviderConfig
+from trustmgr.providers.keys import KeyAlgorithm
+from trustmgr.schema import Duration, Model
 
 DEFAULT_CONFIG = "trustmgr.yaml"
 

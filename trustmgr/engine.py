@@ -24,8 +24,6 @@ from types import TracebackType
 
 from cryptography import x509
 
-from providers import Clock, Provider, ProviderError, ProviderTransientError
-from providers.selfsigned import SelfSignedProvider
 from trustmgr import external, spiffe
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
 from trustmgr.config import ClusterConfig, Config
@@ -56,6 +54,8 @@ from trustmgr.planner import (
     plan,
     plan_cluster,
 )
+from trustmgr.providers import Clock, Provider, ProviderError, ProviderTransientError
+from trustmgr.providers.selfsigned import SelfSignedProvider
 from trustmgr.spiffe import SpiffeBundle
 from trustmgr.state.file import FileStateStore
 from trustmgr.state.model import BundleRecord, ClusterRecord, State

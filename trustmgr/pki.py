@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from providers import SignedCA
-from providers.chains import is_self_signed, issued_by
-from providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates, pem, pem_blocks
 from trustmgr.errors import BadMaterialError, ProviderAnswerError
+from trustmgr.providers import SignedCA
+from trustmgr.providers.chains import is_self_signed, issued_by
+from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
 
 CACERTS_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
 

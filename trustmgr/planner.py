@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from providers.keys import KeyAlgorithm
 from trustmgr.bundles import TrustBundle
 from trustmgr.pki import ObservedCA
+from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.state.model import ClusterRecord
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from providers import BlobStore, Clock, Provider
-from providers.config import ProviderConfig
-from providers.selfsigned import SelfSignedProvider
 from trustmgr.errors import BadInputError
+from trustmgr.providers import BlobStore, Clock, Provider
+from trustmgr.providers.config import ProviderConfig
+from trustmgr.providers.selfsigned import SelfSignedProvider
 
 
 def _require(package: str, *, provider: str, kind: str, extra: str) -> None:
@@ -26,11 +26,11 @@ def build_provider(
         return SelfSignedProvider(name, config.self_signed, blobs, clock)
     if config.vault is not None:
         _require("hvac", provider=name, kind="vault", extra="vault")
-        from providers.vault import VaultProvider
+        from trustmgr.providers.vault import VaultProvider
 
         return VaultProvider(name, config.vault, clock)
     assert config.acm_pca is not None
     _require("boto3", provider=name, kind="acmPca", extra="aws")
-    from providers.acmpca import AcmPcaProvider
+    from trustmgr.providers.acmpca import AcmPcaProvider
 
     return AcmPcaProvider(name, config.acm_pca, clock)

@@ -1,0 +1,55 @@
+"""The configuration's building blocks, shared by the core and the providers:
+a strict camelCase model and Go-style durations. Imports nothing of trustmgr."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic.alias_generators import to_camel
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+MAX_DURATION = timedelta(days=36525)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse a Go-style duration such as ``720h``, ``1h30m`` or ``90d``."""
+    if isinstance(value, timedelta):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a duration such as 720h, 30m or 90d")
+    text = value.strip()
+    pos = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or pos == 0:
+        raise ValueError(
+            f"{value!r} is not a duration: use a number and a unit, e.g. 720h, 30m, 90d"
+        )
+    if total > MAX_DURATION.total_seconds():
+        raise ValueError(f"{value!r} is longer than 100 years")
+    return timedelta(seconds=total)
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be greater than zero")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
+
+
+class Model(BaseModel):
+    """Strict, immutable, camelCase model: unknown keys are errors."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
