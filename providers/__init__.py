@@ -11,6 +11,7 @@ from trustmgr.providers.base import (
     ProviderError,
     ProviderNeedsFixError,
     ProviderTransientError,
+    RootKeeper,
     SignedCA,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "ProviderError",
     "ProviderNeedsFixError",
     "ProviderTransientError",
+    "RootKeeper",
     "SignedCA",
 ]

@@ -71,6 +71,27 @@ class Provider(Protocol):
         ...
 
 
+@runtime_checkable
+class RootKeeper(Protocol):
+    """A provider that makes and keeps its own root (the self-signed one), as
+    opposed to one that only reports the roots of a remote authority."""
+
+    def prepare_root(self) -> x509.Certificate:
+        """A new root, made in memory and held by the provider; nothing is stored.
+        Asking again returns the same one until it is kept."""
+        ...
+
+    def keep_prepared_root(self) -> x509.Certificate:
+        """Store the prepared root, certificate and encrypted key as one unit.
+        Refuses if the provider already has a root: a root is never replaced here."""
+        ...
+
+    def unlock(self) -> None:
+        """Check, without writing, that signing will work: the stored root key
+        decrypts, or with no root yet, the secret that will protect it is there."""
+        ...
+
+
 class BlobStore(Protocol):
     """Durable storage a provider may keep its own material in (the self-signed
     provider keeps its root there). Writes are atomic; files holding secrets are

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 from cryptography import x509
@@ -23,15 +24,21 @@ from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
 
 _COPIED_FROM_CSR = (x509.SubjectAlternativeName, x509.NameConstraints)
 
-ROOT_CERT = "root-cert.pem"
-ROOT_KEY = "root-key.pem"
+ROOT = "root.pem"
+"""The root certificate and its encrypted key, one file written in one step."""
+LEGACY_CERT, LEGACY_KEY = "root-cert.pem", "root-key.pem"
+"""The two-file form of earlier releases, still read."""
+
+_Root = tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]
 
 
 class SelfSignedProvider:
     """Signs cluster CA CSRs with a root it owns.
 
-    The root key is stored as encrypted PKCS#8 under ``<name>/root-key.pem``;
-    the passphrase comes from the environment or a file, never from the config.
+    The root is stored as ``<name>/root.pem``: the certificate, then the key as
+    encrypted PKCS#8, in one file written atomically, so a crash can never keep
+    one without the other. The passphrase comes from the environment or a file,
+    never from the configuration.
     """
 
     def __init__(self, name: str, config: SelfSignedConfig, store: BlobStore, clock: Clock) -> None:
@@ -39,7 +46,8 @@ class SelfSignedProvider:
         self._config = config
         self._store = store
         self._clock = clock
-        self._root: tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes] | None = None
+        self._root: _Root | None = None
+        self._prepared: _Root | None = None
 
     def _passphrase(self) -> bytes:
         cfg = self._config
@@ -49,33 +57,66 @@ class SelfSignedProvider:
             file=cfg.passphrase_file,
         ).encode()
 
-    def roots(self) -> tuple[x509.Certificate, ...]:
-        data = self._store.load(f"{self.name}/{ROOT_CERT}")
-        if data is None:
-            if self._store.load(f"{self.name}/{ROOT_KEY}") is not None:
+    def _stored(self) -> tuple[x509.Certificate, bytes | None] | None:
+        """The stored root certificate and its encrypted key (None if missing)."""
+        unit = self._store.load(f"{self.name}/{ROOT}")
+        if unit is not None:
+            certs, keys = _split(unit)
+            if len(certs) != 1 or len(keys) != 1:
                 raise ProviderNeedsFixError(
-                    f"provider {self.name}: {ROOT_KEY} is stored without {ROOT_CERT}: restore "
-                    f"{ROOT_CERT} from a backup (or, to start a new root and re-issue every "
-                    f"cluster under it, remove {ROOT_KEY})"
+                    f"provider {self.name}: {ROOT} must hold one certificate and one encrypted "
+                    "key; restore it from a backup"
                 )
-            return ()
-        try:
-            return (x509.load_pem_x509_certificate(data),)
-        except ValueError:
-            raise ProviderNeedsFixError(
-                f"provider {self.name}: the stored root certificate is not valid PEM; "
-                "restore it from a backup"
-            ) from None
+            return _load_cert(self.name, certs[0]), keys[0]
+        cert = self._store.load(f"{self.name}/{LEGACY_CERT}")
+        key = self._store.load(f"{self.name}/{LEGACY_KEY}")
+        if cert is None:
+            if key is not None:
+                raise ProviderNeedsFixError(
+                    f"provider {self.name}: {LEGACY_KEY} is stored without {LEGACY_CERT}: restore "
+                    f"{LEGACY_CERT} from a backup"
+                )
+            return None
+        return _load_cert(self.name, cert), key
+
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        stored = self._stored()
+        return (stored[0],) if stored else ()
 
     def has_root(self) -> bool:
         return bool(self.roots())
 
-    def create_root(self) -> x509.Certificate:
-        """Create and store the root. Refuses if one exists: a root is never replaced here."""
-        if self.has_root() or self._store.load(f"{self.name}/{ROOT_KEY}") is not None:
+    def prepare_root(self) -> x509.Certificate:
+        if self._prepared is None:
+            self._prepared = self._new_root()
+        return self._prepared[0]
+
+    def keep_prepared_root(self) -> x509.Certificate:
+        if self.has_root():
             raise ProviderNeedsFixError(f"provider {self.name}: a root already exists")
+        self.prepare_root()
+        assert self._prepared is not None
+        cert, key = self._prepared
+        encrypted = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(self._passphrase()),
+        )
+        unit = cert.public_bytes(serialization.Encoding.PEM) + encrypted
+        self._store.save(f"{self.name}/{ROOT}", unit, secret=True)
+        self._root, self._prepared = self._prepared, None
+        return cert
+
+    def create_root(self) -> x509.Certificate:
+        """Make and store a root. Refuses if one exists."""
+        if self.has_root():
+            raise ProviderNeedsFixError(f"provider {self.name}: a root already exists")
+        self._passphrase()  # before the key is made: a missing secret costs nothing
+        self.prepare_root()
+        return self.keep_prepared_root()
+
+    def _new_root(self) -> _Root:
         cfg = self._config
-        passphrase = self._passphrase()
         key = cfg.key_algorithm.generate()
         subject_attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cfg.subject.common_name)]
         for oid, value in (
@@ -102,39 +143,28 @@ class SelfSignedProvider:
             )
             .sign(key, cfg.key_algorithm.signature_hash())
         )
-        encrypted = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(passphrase),
-        )
-        # Key first: a root certificate without its key would be unusable.
-        self._store.save(f"{self.name}/{ROOT_KEY}", encrypted, secret=True)
-        self._store.save(
-            f"{self.name}/{ROOT_CERT}", cert.public_bytes(serialization.Encoding.PEM), secret=False
-        )
-        self._root = (cert, key)
-        return cert
+        return cert, key
 
-    def _load_root(self) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
+    def _load_root(self) -> _Root:
         if self._root is not None:
             return self._root
-        roots = self.roots()
-        if not roots:
+        stored = self._stored()
+        if stored is None:
             self.create_root()
             assert self._root is not None
             return self._root
-        data = self._store.load(f"{self.name}/{ROOT_KEY}")
+        cert, data = stored
         if data is None:
             raise ProviderNeedsFixError(
                 f"provider {self.name}: the root certificate exists but its key is missing; "
-                "restore root-key.pem from a backup"
+                f"restore {LEGACY_KEY} from a backup"
             )
         try:
             key = serialization.load_pem_private_key(data, password=self._passphrase())
         except (ValueError, TypeError):
             raise ProviderNeedsFixError(
                 f"provider {self.name}: cannot decrypt the root key; check the passphrase "
-                f"({self._passphrase_source()}) or restore root-key.pem from a backup"
+                f"({self._passphrase_source()}) or restore {ROOT} from a backup"
             ) from None
         if (
             not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
@@ -143,7 +173,6 @@ class SelfSignedProvider:
             raise ProviderNeedsFixError(
                 f"provider {self.name}: the root key is of an unsupported type"
             )
-        cert = roots[0]
         if cert.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ) != key.public_key().public_bytes(
@@ -156,8 +185,6 @@ class SelfSignedProvider:
         return self._root
 
     def unlock(self) -> None:
-        """Check, without writing, that signing will work: the root key decrypts
-        (or, with no root yet, a passphrase is available to create one)."""
         if self.has_root():
             self._load_root()
         else:
@@ -197,3 +224,26 @@ class SelfSignedProvider:
                 builder = builder.add_extension(ext.value, critical=ext.critical)
         cert = builder.sign(key, algorithm.signature_hash())
         return SignedCA(chain=(cert,), roots=(root,))
+
+
+def _split(unit: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The PEM certificates and encrypted keys of a stored unit."""
+    certs: list[bytes] = []
+    keys: list[bytes] = []
+    for match in re.finditer(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\r?\n?", unit, re.S):
+        kind = match.group(1)
+        if kind == b"CERTIFICATE":
+            certs.append(match.group(0))
+        elif kind == b"ENCRYPTED PRIVATE KEY":
+            keys.append(match.group(0))
+    return certs, keys
+
+
+def _load_cert(provider: str, data: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise ProviderNeedsFixError(
+            f"provider {provider}: the stored root certificate is not valid PEM; "
+            "restore it from a backup"
+        ) from None

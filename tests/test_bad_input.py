@@ -77,9 +77,33 @@ def _wrong_passphrase(workdir: Path) -> None:
     new_cluster(workdir)
 
 
+ROOT_UNIT = "state/providers/corp/root.pem"
+
+
+def _root_blocks(workdir: Path) -> tuple[bytes, bytes]:
+    """The stored root's certificate and encrypted key PEM blocks."""
+    unit = (workdir / ROOT_UNIT).read_bytes()
+    cut = unit.index(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    return unit[:cut], unit[cut:]
+
+
 def _delete_root_key(workdir: Path) -> None:
-    (workdir / "state/providers/corp/root-key.pem").unlink()
+    cert, _ = _root_blocks(workdir)
+    (workdir / ROOT_UNIT).write_bytes(cert)
     new_cluster(workdir)
+
+
+def _malformed_root_cert(workdir: Path) -> None:
+    _, key = _root_blocks(workdir)
+    bad = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+    (workdir / ROOT_UNIT).write_bytes(bad + key)
+
+
+def _legacy_key_without_cert(workdir: Path) -> None:
+    """The two-file form of earlier releases, its certificate lost."""
+    _, key = _root_blocks(workdir)
+    (workdir / ROOT_UNIT).unlink()
+    (workdir / "state/providers/corp/root-key.pem").write_bytes(key)
 
 
 def _out_is_a_file(workdir: Path) -> None:
@@ -210,29 +234,26 @@ CASES = [
         "malformed-root-pem",
         "the stored root certificate is not valid PEM",
         2,
-        write(
-            "state/providers/corp/root-cert.pem",
-            b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
-        ),
+        _malformed_root_cert,
         after_bootstrap=True,
     ),
     Case(
         "root-key-lost",
-        "the root certificate exists but its key is missing",
+        "root.pem must hold one certificate and one encrypted key; restore it from a backup",
         2,
         _delete_root_key,
         after_bootstrap=True,
     ),
     Case(
-        "root-cert-lost",
+        "legacy-root-cert-lost",
         "root-key.pem is stored without root-cert.pem: restore root-cert.pem from a backup",
         2,
-        lambda w: (w / "state/providers/corp/root-cert.pem").unlink(),
+        _legacy_key_without_cert,
         after_bootstrap=True,
     ),
     Case(
         "whole-root-lost",
-        "provider corp has no root, yet clusters api-1, web-1 were issued under one",
+        "clusters api-1, web-1 hold CAs trustmgr issued under root ",
         2,
         lambda w: shutil.rmtree(w / "state/providers/corp"),
         after_bootstrap=True,

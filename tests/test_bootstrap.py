@@ -14,7 +14,7 @@ from tests.conftest import Run, snapshot, trustmgr
 from tests.workload import assert_openssl_enforces_trust_domain
 from trustmgr import config as config_mod
 from trustmgr.bundles import TrustBundle
-from trustmgr.engine import Workspace, apply
+from trustmgr.engine import Workspace, apply, make_plan
 from trustmgr.pki import CACerts, istiod_problems, observe
 from trustmgr.planner import Action
 from trustmgr.status import cluster_status, verify_all
@@ -140,7 +140,7 @@ def test_renewal_inside_renew_before(quickstart: Path, workdir: Path) -> None:
     cfg = config_mod.load(quickstart)
     later = datetime.now(UTC) + timedelta(days=21)  # ttl 30d, renewBefore 10d
     ws = Workspace.build(cfg, clock=lambda: later)
-    planned = {c.cluster: c for c in ws.plan(ws.store.load()).plan.clusters}
+    planned = {c.cluster: c for c in make_plan(ws).clusters}
     assert {c.action for c in planned.values()} == {Action.RENEW}
     assert planned["pci-east"].reason == "RenewalDue"
     report = apply(ws)

@@ -38,8 +38,11 @@ class TestSelfSignedConformance(ProviderConformance):
 
 def test_root_key_is_encrypted_and_private(provider: SelfSignedProvider, tmp_path: Path) -> None:
     provider.create_root()
-    key_file = tmp_path / "state" / "providers" / "corp" / "root-key.pem"
-    assert key_file.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    key_file = tmp_path / "state" / "providers" / "corp" / "root.pem"
+    unit = key_file.read_bytes()
+    assert unit.startswith(b"-----BEGIN CERTIFICATE-----")
+    assert b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in unit
+    assert b"-----BEGIN PRIVATE KEY-----" not in unit
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
 

@@ -34,3 +34,21 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644, sync_dir: bool =
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents readable by the owner only (0700),
+    whatever the umask; directories that exist are left as they are."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        directory.chmod(0o700)  # mkdir's mode is filtered by the umask

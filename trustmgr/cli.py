@@ -29,7 +29,7 @@ from trustmgr.engine import (
 )
 from trustmgr.errors import ConfigError, TargetError, TrustmgrError
 from trustmgr.federation import Finding, config_findings, mesh_config_fragment
-from trustmgr.planner import Action, Plan, Reload
+from trustmgr.planner import Action, Plan
 from trustmgr.providers import ProviderError, ProviderNeedsFixError
 from trustmgr.status import cluster_status, verify_all
 
@@ -110,7 +110,8 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
     return {
         "pending": plan.pending,
         "providers": [
-            {"provider": p.provider, "createRoot": p.create_root} for p in plan.providers
+            {"provider": p.provider, "createRoot": p.create_root, "fingerprint": p.fingerprint}
+            for p in plan.providers
         ],
         "clusters": [
             {
@@ -120,6 +121,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
                 "reason": c.reason,
                 "message": c.message,
                 "istiodReload": str(c.reload),
+                "istiodRestart": c.restarts,
             }
             for c in plan.clusters
         ],
@@ -167,14 +169,14 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool, workers: int, a
         _echo_json(_plan_json(plan))
     else:
         for p in plan.providers:
-            click.echo(f"provider {p.provider}: create root")
+            click.echo(f"provider {p.provider}: create root {p.fingerprint[:16]}…")
         rows = [
             (
                 c.cluster,
                 c.mesh,
                 str(c.action),
                 c.reason,
-                c.message + _restart_note(ws, c.cluster, c.pending and c.reload is Reload.RESTART),
+                c.message + _restart_note(ws, c.cluster, c.restarts),
             )
             for c in plan.clusters
         ]

@@ -1,19 +1,26 @@
-"""Desired vs observed → a plan of typed actions with reasons. Pure: no I/O, the
-clock is an argument.
+"""Decide: configuration + observation → a plan of typed actions with reasons.
+Pure: no I/O; the time is the observation's.
 
 Each policy looks at one cluster and either says why it needs an action or
 passes; the first that speaks decides (cert-manager's renewal policies)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from trustmgr.bundles import TrustBundle
+from cryptography import x509
+
+from trustmgr.bundles import TrustBundle, fingerprint
+from trustmgr.config import Config
+from trustmgr.errors import BadInputError
+from trustmgr.federation import Federation, MeshRoots, order_bundle
+from trustmgr.observe import Observation, Owner, Reading
 from trustmgr.pki import ObservedCA
 from trustmgr.providers.keys import KeyAlgorithm
+from trustmgr.spiffe import SpiffeBundle
 from trustmgr.state.model import ClusterRecord
 
 
@@ -22,9 +29,17 @@ class Action(StrEnum):
     ISSUE = "issue"
     RENEW = "renew"
     UPDATE_BUNDLE = "update-bundle"
+    RECORD = "record"
+    """The target holds exactly what trustmgr wrote, as desired, but the state has no
+    record of it (a run stopped before saving): recorded, nothing written to the target."""
     FAIL = "fail"
     REFUSE = "refuse"
     """The target holds cacerts trustmgr did not create; only ``--adopt`` replaces it."""
+
+    @property
+    def writes(self) -> bool:
+        """Whether the action writes the cluster's target."""
+        return self in (Action.ISSUE, Action.RENEW, Action.UPDATE_BUNDLE)
 
 
 class Reload(StrEnum):
@@ -44,20 +59,14 @@ class DesiredCluster:
     ttl: timedelta
     renew_before: timedelta
     bundle: TrustBundle | None
-    """None while a provider of the bundle has no root yet."""
+    """None while a mesh of the bundle has no root (an external mesh's bundle is empty)."""
+    own_roots: tuple[str, ...] = ()
+    """Fingerprints of the mesh provider's roots: the CA must chain to one of them."""
     istio_version: str | None = None
     multi_root: bool = False
+    restart_istiod: bool = False
     adopt: bool = False
     """The operator allows replacing cacerts that trustmgr did not create."""
-
-
-@dataclass(frozen=True)
-class ObservedCluster:
-    material: ObservedCA | None
-    record: ClusterRecord | None
-    error: str | None = None
-    foreign: str | None = None
-    """Why the target's cacerts is not trustmgr's, in the target's words; None if it is."""
 
 
 @dataclass(frozen=True)
@@ -68,16 +77,24 @@ class ClusterPlan:
     reason: str
     message: str
     reload: Reload = Reload.HOT
+    desired: DesiredCluster | None = field(default=None, compare=False, repr=False)
 
     @property
     def pending(self) -> bool:
         return self.action is not Action.NONE
+
+    @property
+    def restarts(self) -> bool:
+        """Whether the write needs istiod restarted (by trustmgr or by hand)."""
+        return self.action.writes and self.reload is Reload.RESTART
 
 
 @dataclass(frozen=True)
 class ProviderPlan:
     provider: str
     create_root: bool
+    fingerprint: str = ""
+    """The SHA-256 fingerprint of the root to be created."""
 
 
 @dataclass(frozen=True)
@@ -92,71 +109,103 @@ class Plan:
 
 
 Verdict = tuple[Action, str, str] | None
-Policy = Callable[[DesiredCluster, ObservedCluster, datetime], Verdict]
+Policy = Callable[[DesiredCluster, Reading, ClusterRecord | None, datetime], Verdict]
 
 
-def _unreadable(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    if o.error:
-        return Action.FAIL, "TargetUnreadable", o.error
+def _unreadable(d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime) -> Verdict:
+    if r.error:
+        return Action.FAIL, "TargetUnreadable", r.error
     return None
 
 
-def _not_managed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    if o.foreign is None:
+def _not_managed(
+    d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime
+) -> Verdict:
+    if r.owner is not Owner.FOREIGN:
         return None
     if d.adopt:
         return (
             Action.ISSUE,
             "Adopt",
-            f"{o.foreign}; replacing it, the previous one kept for rollback",
+            f"{r.why_foreign}; replacing it, the previous one kept for rollback",
         )
     return (
         Action.REFUSE,
         "NotManaged",
-        f"{o.foreign}; to replace it, keeping the previous one for `trustmgr rollback`, "
+        f"{r.why_foreign}; to replace it, keeping the previous one for `trustmgr rollback`, "
         "run `trustmgr bootstrap --adopt`",
     )
 
 
-def _missing(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    if o.material is None:
+def _missing(d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime) -> Verdict:
+    if r.ca is None:
         return Action.ISSUE, "Missing", "no cacerts yet"
     return None
 
 
-def _expired(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
+def _expired(d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime) -> Verdict:
+    m = r.ca
     if m is not None and m.not_after is not None and now >= m.not_after:
         return Action.ISSUE, "Expired", f"the cluster CA expired at {m.not_after:%Y-%m-%d %H:%M}Z"
     return None
 
 
-def _invalid(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
+def _trust_domain_changed(
+    d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime
+) -> Verdict:
+    m = r.ca
+    if m is not None and m.trust_domain is not None and m.trust_domain != d.trust_domain:
+        return (
+            Action.ISSUE,
+            "TrustDomainChanged",
+            f"the CA is for trust domain {m.trust_domain}, the mesh's is now {d.trust_domain}",
+        )
+    return None
+
+
+def _invalid(d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime) -> Verdict:
+    m = r.ca
     if m is not None and (m.fingerprint is None or not m.healthy):
         return Action.ISSUE, "Invalid", m.problems[0] if m.problems else "unreadable material"
     return None
 
 
-def _trust_domain_changed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
-    if m is not None and m.trust_domain != d.trust_domain:
-        return (
-            Action.ISSUE,
-            "TrustDomainChanged",
-            f"the CA is for {m.trust_domain}, the mesh is {d.trust_domain}",
-        )
+def _key_exposed(
+    d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime
+) -> Verdict:
+    if r.exposed is not None:
+        return Action.ISSUE, "KeyExposed", f"{r.exposed}; issuing a CA with a new key"
     return None
 
 
-def _issuer_changed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
-    if d.bundle is None:
+def _edited(d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime) -> Verdict:
+    """Material changed after trustmgr wrote it. The target's own record of what
+    was written decides where there is one; else the state's record."""
+    m = r.ca
+    if m is None or r.untouched:
         return None
-    own_roots = set(d.bundle.fingerprints)
-    if m is not None and (
-        m.chain_root not in own_roots or (o.record and o.record.provider != d.provider)
-    ):
+    if r.stamp is not None:
+        return Action.ISSUE, "Drift", "the files were changed outside trustmgr"
+    if rec is None:
+        return Action.ISSUE, "Unrecorded", "holds a CA trustmgr has no record of writing"
+    if m.fingerprint != rec.fingerprint:
+        return (
+            Action.ISSUE,
+            "Drift",
+            f"holds CA {(m.fingerprint or '')[:16]}…, trustmgr wrote {rec.fingerprint[:16]}…",
+        )
+    if m.digest != rec.digest:
+        return Action.ISSUE, "Drift", "the files were changed outside trustmgr"
+    return None
+
+
+def _issuer_changed(
+    d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime
+) -> Verdict:
+    m = r.ca
+    if d.bundle is None or m is None:
+        return None
+    if m.chain_root not in d.own_roots or (rec is not None and rec.provider != d.provider):
         return (
             Action.ISSUE,
             "IssuerChanged",
@@ -165,30 +214,10 @@ def _issuer_changed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Ver
     return None
 
 
-def _not_ours(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
-    if m is not None and o.record is None:
-        return Action.ISSUE, "Unrecorded", "holds a CA trustmgr has no record of writing"
-    if m is not None and o.record is not None and m.fingerprint != o.record.fingerprint:
-        return (
-            Action.ISSUE,
-            "Drift",
-            (
-                f"holds CA {m.fingerprint and m.fingerprint[:16]}…, trustmgr wrote {o.record.fingerprint[:16]}…"
-            ),
-        )
-    return None
-
-
-def _edited(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
-    if m is not None and o.record is not None and m.digest != o.record.digest:
-        return Action.ISSUE, "Drift", "the files were changed outside trustmgr"
-    return None
-
-
-def _key_algorithm_changed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
+def _key_algorithm_changed(
+    d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime
+) -> Verdict:
+    m = r.ca
     if m is not None and m.key_algorithm is not d.key_algorithm:
         return (
             Action.ISSUE,
@@ -198,8 +227,10 @@ def _key_algorithm_changed(d: DesiredCluster, o: ObservedCluster, now: datetime)
     return None
 
 
-def _renewal_due(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
+def _renewal_due(
+    d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime
+) -> Verdict:
+    m = r.ca
     if m is not None and m.not_after is not None and now >= m.not_after - d.renew_before:
         if m.issuer_not_after is not None and m.not_after >= m.issuer_not_after:
             return None  # a new CA would end no later: renewing every run changes nothing
@@ -212,8 +243,10 @@ def _renewal_due(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdic
     return None
 
 
-def _issuer_expiring(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
+def _issuer_expiring(
+    d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime
+) -> Verdict:
+    m = r.ca
     if (
         m is not None
         and m.not_after is not None
@@ -230,8 +263,10 @@ def _issuer_expiring(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Ve
     return None
 
 
-def _bundle_changed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Verdict:
-    m = o.material
+def _bundle_changed(
+    d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime
+) -> Verdict:
+    m = r.ca
     if m is not None and d.bundle is not None and m.bundle != d.bundle.fingerprints:
         added = len(set(d.bundle.fingerprints) - set(m.bundle))
         removed = len(set(m.bundle) - set(d.bundle.fingerprints))
@@ -243,19 +278,32 @@ def _bundle_changed(d: DesiredCluster, o: ObservedCluster, now: datetime) -> Ver
     return None
 
 
+def _unrecorded(d: DesiredCluster, r: Reading, rec: ClusterRecord | None, now: datetime) -> Verdict:
+    """Exactly what trustmgr wrote and as desired, but not in the state: a run
+    stopped before saving. Recorded rather than issued again."""
+    if (
+        r.untouched
+        and r.ca is not None
+        and (rec is None or rec.digest != r.ca.digest or rec.provider != d.provider)
+    ):
+        return Action.RECORD, "Unrecorded", "holds what trustmgr wrote; recording it"
+    return None
+
+
 POLICIES: tuple[Policy, ...] = (
     _unreadable,
     _not_managed,
     _missing,
     _expired,
-    _invalid,
     _trust_domain_changed,
-    _not_ours,
+    _invalid,
+    _key_exposed,
     _edited,
     _issuer_changed,
     _key_algorithm_changed,
     _renewal_due,
     _bundle_changed,
+    _unrecorded,
     _issuer_expiring,
 )
 
@@ -309,11 +357,11 @@ def change_reload(
     return bundle_reload(old.bundle, new_bundle, multi_root=multi_root, istio_version=istio_version)
 
 
-def _reload(d: DesiredCluster, o: ObservedCluster, action: Action) -> Reload:
-    if action not in (Action.ISSUE, Action.RENEW, Action.UPDATE_BUNDLE) or o.material is None:
+def _reload(d: DesiredCluster, r: Reading, action: Action) -> Reload:
+    if not action.writes or r.ca is None:
         return Reload.HOT
     return change_reload(
-        o.material,
+        r.ca,
         d.bundle.fingerprints if d.bundle is not None else None,
         ca_changes=action is not Action.UPDATE_BUNDLE,
         multi_root=d.multi_root,
@@ -321,24 +369,141 @@ def _reload(d: DesiredCluster, o: ObservedCluster, action: Action) -> Reload:
     )
 
 
-def plan_cluster(d: DesiredCluster, o: ObservedCluster, now: datetime) -> ClusterPlan:
+def plan_cluster(
+    d: DesiredCluster, r: Reading, record: ClusterRecord | None, now: datetime
+) -> ClusterPlan:
+    """One cluster's plan: the first policy that speaks decides."""
     for policy in POLICIES:
-        verdict = policy(d, o, now)
+        verdict = policy(d, r, record, now)
         if verdict is not None:
             action, reason, message = verdict
-            return ClusterPlan(d.name, d.mesh, action, reason, message, _reload(d, o, action))
-    return ClusterPlan(d.name, d.mesh, Action.NONE, "UpToDate", "nothing to do")
+            return ClusterPlan(d.name, d.mesh, action, reason, message, _reload(d, r, action), d)
+    return ClusterPlan(d.name, d.mesh, Action.NONE, "UpToDate", "nothing to do", desired=d)
 
 
-def plan(
-    desired: list[DesiredCluster],
-    observed: dict[str, ObservedCluster],
-    roots_missing: list[str],
-    now: datetime,
-) -> Plan:
-    """The whole plan. ``roots_missing`` names providers whose root must be created first."""
-    return Plan(
-        providers=tuple(ProviderPlan(p, True) for p in sorted(roots_missing)),
-        clusters=tuple(plan_cluster(d, observed[d.name], now) for d in desired),
-        generated_at=now,
+def federation_of(
+    config: Config,
+    roots: Callable[[str], tuple[x509.Certificate, ...]],
+    external: Mapping[str, SpiffeBundle],
+) -> Federation:
+    """Every mesh with its roots: its provider's (``roots``) for issued meshes,
+    the imported SPIFFE bundle's for external ones."""
+    meshes = {}
+    for name, mesh in config.meshes.items():
+        if mesh.external is not None:
+            mesh_roots = external[name].roots if name in external else ()
+        else:
+            assert mesh.provider is not None
+            mesh_roots = roots(mesh.provider)
+        meshes[name] = MeshRoots(name, mesh.trust_domain, mesh_roots, mesh.provider)
+    return Federation(config, meshes)
+
+
+def desired_cluster(
+    config: Config,
+    cluster: str,
+    mesh_name: str,
+    federation: Federation,
+    reading: Reading,
+    *,
+    adopt: bool,
+) -> DesiredCluster:
+    """The cluster's desired state; its bundle keeps the order of what the
+    cluster holds now, so that istiod can hot-reload the change."""
+    bundle = federation.bundle(mesh_name)
+    if bundle is not None and reading.ca is not None:
+        bundle = order_bundle(bundle, reading.ca.bundle)
+    mesh = config.meshes[mesh_name]
+    cfg = mesh.clusters[cluster]
+    inter = config.intermediates_for(mesh_name)
+    return DesiredCluster(
+        name=cluster,
+        mesh=mesh_name,
+        trust_domain=mesh.trust_domain,
+        provider=mesh.provider or "",
+        key_algorithm=inter.key_algorithm,
+        ttl=inter.ttl,
+        renew_before=inter.renew_before,
+        bundle=bundle,
+        own_roots=tuple(fingerprint(r) for r in federation.meshes[mesh_name].roots),
+        istio_version=cfg.istio.version,
+        multi_root=cfg.istio.multi_root,
+        restart_istiod=cfg.istio.restart_istiod,
+        adopt=adopt,
     )
+
+
+def decide(config: Config, observation: Observation, *, adopt: bool = False) -> Plan:
+    """The plan for ``observation``, at the time it was taken. Pure: raises
+    BadInputError, before anything is written, for what no plan may do: merge two
+    meshes into one, accept a replayed bundle, or move clusters to another root."""
+    now = observation.taken_at
+    for mesh, bundle in observation.external.items():
+        known = observation.state.imported.get(mesh)
+        if known and bundle.sequence is not None and bundle.sequence < known.sequence:
+            raise BadInputError(
+                f"mesh {mesh}: the SPIFFE bundle's sequence went backwards ({bundle.sequence} < "
+                f"{known.sequence}); refusing a possibly replayed bundle"
+            )
+    federation = federation_of(config, observation.roots_of, observation.external)
+    errors = [f.message for f in federation.findings() if f.level == "error"]
+    if errors:
+        raise BadInputError(errors[0])
+    _refuse_root_swap(config, observation)
+    clusters = []
+    for mesh_name, cluster, _ in config.clusters():
+        reading = observation.clusters[cluster]
+        d = desired_cluster(config, cluster, mesh_name, federation, reading, adopt=adopt)
+        clusters.append(plan_cluster(d, reading, observation.state.clusters.get(cluster), now))
+    creates = tuple(
+        ProviderPlan(name, True, fingerprint(root))
+        for name, root in sorted(observation.prepared.items())
+        if any(
+            c.desired is not None and c.desired.provider == name and c.action.writes
+            for c in clusters
+        )
+    )
+    return Plan(creates, tuple(clusters), generated_at=now)
+
+
+def _refuse_root_swap(config: Config, observation: Observation) -> None:
+    """Clusters holding trustmgr's material under a root their provider does not
+    have (lost or replaced state): issuing again would swap their trust at once,
+    an outage in a live mesh. Moving clusters to another root is rotation's job."""
+    lost: dict[tuple[str, str], list[str]] = {}
+    for mesh_name, cluster, _ in config.clusters():
+        reading = observation.clusters[cluster]
+        provider = config.meshes[mesh_name].provider or ""
+        if reading.owner is not Owner.TRUSTMGR or reading.ca is None or not reading.ca.chain_root:
+            continue
+        have = {fingerprint(r) for r in observation.roots.get(provider, ())}
+        if reading.ca.chain_root not in have:
+            lost.setdefault((provider, reading.ca.chain_root), []).append(cluster)
+    recorded_without_root = {
+        r.provider: sorted(
+            c for c, rec in observation.state.clusters.items() if rec.provider == r.provider
+        )
+        for r in observation.state.clusters.values()
+        if not observation.roots.get(r.provider) and r.provider in observation.prepared
+    }
+    if lost:
+        (provider, root), clusters = sorted(lost.items())[0]
+        more = f" (and {len(lost) - 1} more root(s))" if len(lost) > 1 else ""
+        has = "has no root" if not observation.roots.get(provider) else "has another root"
+        raise BadInputError(
+            f"clusters {', '.join(sorted(clusters))} hold CAs trustmgr issued under root "
+            f"{_colons(root)}, but provider {provider} {has}{more}: restore that root "
+            f"(the state store's providers/{provider}/) from a backup; moving clusters to "
+            "another root is a root rotation, never a side effect"
+        )
+    for provider, issued in sorted(recorded_without_root.items()):
+        raise BadInputError(
+            f"provider {provider} has no root, yet clusters {', '.join(issued)} were issued "
+            f"under one: restore providers/{provider}/ in the state store from a backup "
+            "(to start over with a new root, remove the state's state.json first)"
+        )
+
+
+def _colons(fp: str) -> str:
+    """SHA-256 fingerprint as openssl prints it."""
+    return ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()

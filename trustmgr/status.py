@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from trustmgr.engine import Seen, Workspace
+from trustmgr.engine import Reading, Workspace
 from trustmgr.federation import Federation
-from trustmgr.pki import ObservedCA, observe
+from trustmgr.observe import Owner
 from trustmgr.state.model import ClusterRecord
 
 
@@ -40,12 +40,12 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
     """What each target really holds, compared with what trustmgr last wrote there."""
     state = ws.store.load()
     now = ws.clock()
-    everything = ws.observe(workers)
+    everything = ws.read_all(workers)
     rows = []
     for mesh_name, cluster, _ in ws.config.clusters():
         target = ws.targets[cluster]
         record = state.clusters.get(cluster)
-        seen = everything[cluster].observed
+        seen = everything[cluster].ca
         if everything[cluster].error:
             rows.append(
                 ClusterStatus(
@@ -60,7 +60,7 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
                 )
             )
             continue
-        drift = _drift(seen, record, everything[cluster].foreign)
+        drift = _drift(everything[cluster], record)
         days = (seen.not_after - now).days if seen and seen.not_after else None
         rows.append(
             ClusterStatus(
@@ -77,15 +77,20 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
     return rows
 
 
-def _drift(
-    seen: ObservedCA | None, record: ClusterRecord | None, foreign: str | None
-) -> str | None:
-    if foreign is not None:
+def _drift(reading: Reading, record: ClusterRecord | None) -> str | None:
+    seen = reading.ca
+    if reading.owner is Owner.FOREIGN:
         return "not written by trustmgr" if record is None else "replaced outside trustmgr"
     if seen is None:
         return "missing" if record else "not bootstrapped"
+    if reading.exposed is not None:
+        return f"key exposed: {reading.exposed}"
+    if reading.stamp is not None and not reading.untouched:
+        return "files changed outside trustmgr"
     if record is None:
-        return "not written by trustmgr"
+        return (
+            "written by trustmgr, not recorded" if reading.untouched else "not written by trustmgr"
+        )
     if seen.fingerprint != record.fingerprint:
         return "CA replaced outside trustmgr"
     if seen.digest != record.digest:
@@ -98,7 +103,7 @@ def _drift(
 def verify_all(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
     """Per cluster, every reason istiod or the policy would refuse its material."""
     federation = ws.federation()
-    everything = ws.observe(workers)
+    everything = ws.read_all(workers)
     return {
         cluster: verify_cluster(ws, cluster, federation, everything[cluster])
         for cluster in ws.targets
@@ -106,18 +111,17 @@ def verify_all(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
 
 
 def verify_cluster(
-    ws: Workspace, cluster: str, federation: Federation, seen: Seen | None = None
+    ws: Workspace, cluster: str, federation: Federation, reading: Reading | None = None
 ) -> list[str]:
-    mesh = ws.config.meshes[ws.meshes_of[cluster]]
-    seen = seen or ws.read(cluster)
-    if seen.error:
-        return [seen.error]
-    if seen.material is None:
+    reading = reading or ws.read(cluster)
+    if reading.error:
+        return [reading.error]
+    if reading.material is None or reading.ca is None:
         return ["no cacerts; run `trustmgr bootstrap`"]
-    observed = seen.observed or observe(
-        seen.material, trust_domain=mesh.trust_domain, now=ws.clock()
-    )
+    observed = reading.ca
     problems = list(observed.problems)
+    if reading.exposed is not None:
+        problems.append(f"{reading.exposed}; `trustmgr reconcile` issues a CA with a new key")
     bundle = federation.bundle(ws.meshes_of[cluster])
     if bundle is not None:
         missing = set(bundle.fingerprints) - set(observed.bundle)

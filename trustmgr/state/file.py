@@ -11,6 +11,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import filelock
 
-from trustmgr.atomic import write_atomic
+from trustmgr.atomic import make_private_dirs, write_atomic
 from trustmgr.errors import LockedError, StateError
 from trustmgr.state.model import State
 
@@ -44,7 +45,7 @@ class _Blobs:
     def save(self, name: str, data: bytes, *, secret: bool) -> None:
         path = self._path(name)
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(path.parent)
             write_atomic(path, data, mode=0o600 if secret else 0o644)
         except OSError as exc:
             raise StateError(f"cannot write {path}: {exc.strerror}") from None
@@ -60,7 +61,7 @@ class FileStateStore:
 
     def _ensure_dir(self) -> None:
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(self.path)
         except OSError as exc:
             raise StateError(
                 f"cannot create the state directory {self.path}: {exc.strerror}"
@@ -84,6 +85,28 @@ class FileStateStore:
             yield
         finally:
             lock.release()
+
+    def check_writable(self) -> None:
+        """Raise StateError unless a save would succeed as far as can be known
+        without writing: the directory (or, before the first run, its nearest
+        existing parent) is writable by this process and not on a read-only
+        mount, which refuses even root."""
+        probe = self.path
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        what = "the state directory" if probe == self.path else "the parent of the state directory"
+        if not probe.is_dir():
+            raise StateError(f"cannot write {self.path}: {probe} is not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK) or os.statvfs(probe).f_flag & os.ST_RDONLY:
+            raise StateError(
+                f"cannot write {what} {probe}: it is read-only for this process; nothing "
+                "was written (make it writable, or point stateStore at a writable path)"
+            )
+        if self._state_file.exists() and not os.access(self._state_file, os.W_OK):
+            raise StateError(
+                f"cannot write {self._state_file}: it is read-only for this process; nothing "
+                "was written"
+            )
 
     def load(self) -> State:
         try:

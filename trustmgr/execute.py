@@ -1,0 +1,336 @@
+"""Execute: carry out a plan, and nothing else.
+
+Order, so that nothing is left half-done: the caller has run :func:`preflight`
+(every check that needs no write); then the roots the plan creates are kept;
+then clusters are written in parallel, each all-or-nothing, one cluster's
+failure never stopping the others; then what was written is recorded in the
+state in one save.
+
+``stop`` (set on SIGTERM or Ctrl-C) stops starting new clusters: the ones in
+flight finish, what completed is recorded, the rest is reported as not started.
+A process killed outright saves nothing, yet loses nothing either: the next run
+reads back each target's own record of what trustmgr wrote and records it
+instead of issuing again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
+from trustmgr.errors import TargetConflictError, TargetError, TrustmgrError
+from trustmgr.federation import order_bundle
+from trustmgr.observe import Observation, Reading, read_cluster
+from trustmgr.pki import CACerts, assemble, check_signed_ca, cluster_ca_request, observe
+from trustmgr.planner import Action, ClusterPlan, DesiredCluster, Plan, Reload, plan_cluster
+from trustmgr.providers import ProviderError, ProviderTransientError, RootKeeper
+from trustmgr.state.model import BundleRecord, ClusterRecord, State
+from trustmgr.targets import Target
+from trustmgr.targets.base import IstiodRestarter
+
+if TYPE_CHECKING:
+    from trustmgr.engine import Workspace
+
+log = logging.getLogger(__name__)
+
+CONFLICT_ATTEMPTS = 3
+"""Writes of one cluster in one pass that may meet a concurrent change."""
+
+RESTARTED, RESTART_NEEDED = "restarted", "restart needed"
+NOT_STARTED = "not started: the run was interrupted; run again to finish"
+
+
+@dataclass(frozen=True)
+class ClusterOutcome:
+    cluster: str
+    mesh: str
+    action: Action
+    reason: str
+    message: str
+    ok: bool
+    error: str | None = None
+    istiod: str | None = None
+    """``restarted``, ``restart needed``, or None when istiod takes the change as it runs."""
+    started: bool = True
+
+
+@dataclass(frozen=True)
+class Report:
+    plan: Plan
+    outcomes: tuple[ClusterOutcome, ...] = ()
+    roots_created: tuple[str, ...] = ()
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.roots_created) or any(
+            o.ok and o.action is not Action.NONE for o in self.outcomes
+        )
+
+
+Progress = Callable[[int, int, ClusterOutcome], None]
+"""Called as each cluster is done, with (done, total, outcome), from the calling thread."""
+
+
+def outcome(
+    c: ClusterPlan,
+    *,
+    ok: bool,
+    error: str | None = None,
+    istiod: str | None = None,
+    started: bool = True,
+) -> ClusterOutcome:
+    return ClusterOutcome(
+        c.cluster, c.mesh, c.action, c.reason, c.message, ok, error, istiod, started
+    )
+
+
+def preflight(ws: Workspace, plan: Plan) -> None:
+    """Fail before any write on what can be known now: an unwritable target or
+    state store, a root key that cannot be decrypted, a missing passphrase."""
+    problems = []
+    for c in plan.clusters:
+        if c.action.writes:
+            try:
+                ws.targets[c.cluster].check_writable()
+            except TargetError as exc:
+                problems.append(f"cluster {c.cluster}: {exc}")
+    if problems:
+        raise TargetError(
+            problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
+        )
+    unlocking = {p.provider for p in plan.providers if p.create_root} | {
+        c.desired.provider
+        for c in plan.clusters
+        if c.desired is not None and c.action in (Action.ISSUE, Action.RENEW)
+    }
+    for name in sorted(unlocking):
+        provider = ws.providers[name]
+        if isinstance(provider, RootKeeper):
+            provider.unlock()
+    ws.store.check_writable()
+
+
+def execute(
+    ws: Workspace,
+    plan: Plan,
+    observation: Observation,
+    *,
+    workers: int = 16,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Carry out ``plan``, made from ``observation``, holding the state lock."""
+    stop = stop or threading.Event()
+    created = []
+    for p in plan.providers:
+        if p.create_root:
+            provider = ws.providers[p.provider]
+            assert isinstance(provider, RootKeeper)
+            root = provider.keep_prepared_root()
+            assert fingerprint(root) == p.fingerprint, "a kept root is the planned one"
+            log.info("created the root of provider %s", p.provider)
+            created.append(p.provider)
+    results = _apply_all(ws, plan, observation, workers, stop, progress)
+    state = ws.store.load()
+    new_state = _with_imports(state, observation)
+    for o, record in results:
+        if record is not None:
+            new_state = new_state.with_cluster(o.cluster, record)
+    if new_state != state:
+        ws.store.save(new_state)
+    return Report(plan, tuple(o for o, _ in results), tuple(created), stop.is_set())
+
+
+def _apply_all(
+    ws: Workspace,
+    plan: Plan,
+    observation: Observation,
+    workers: int,
+    stop: threading.Event,
+    progress: Progress | None,
+) -> list[tuple[ClusterOutcome, ClusterRecord | None]]:
+    """Every cluster's outcome, in plan order; pending ones worked on in parallel."""
+    results: dict[str, tuple[ClusterOutcome, ClusterRecord | None]] = {
+        c.cluster: (outcome(c, ok=True), None) for c in plan.clusters if not c.pending
+    }
+    pending = [c for c in plan.clusters if c.pending]
+
+    def work(c: ClusterPlan) -> tuple[ClusterOutcome, ClusterRecord | None]:
+        if stop.is_set():
+            return outcome(c, ok=False, error=NOT_STARTED, started=False), None
+        return _apply_cluster_guarded(ws, c, observation.clusters[c.cluster])
+
+    if pending:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pending)))) as pool:
+            futures = [pool.submit(work, c) for c in pending]
+            for done, future in enumerate(as_completed(futures), 1):
+                o, record = future.result()
+                results[o.cluster] = (o, record)
+                if progress is not None and o.started:
+                    progress(done, len(pending), o)
+    return [results[c.cluster] for c in plan.clusters]
+
+
+def _apply_cluster_guarded(
+    ws: Workspace, c: ClusterPlan, reading: Reading
+) -> tuple[ClusterOutcome, ClusterRecord | None]:
+    """A bug met in one cluster fails that cluster only, so the records of the
+    clusters already written are still saved."""
+    try:
+        return _apply_cluster(ws, c, reading)
+    except Exception as exc:
+        log.debug("cluster %s: unexpected error", c.cluster, exc_info=True)
+        error = f"unexpected {type(exc).__name__}; run with -vv for the traceback"
+        return outcome(c, ok=False, error=error), None
+
+
+def _apply_cluster(
+    ws: Workspace, c: ClusterPlan, reading: Reading
+) -> tuple[ClusterOutcome, ClusterRecord | None]:
+    """Write one cluster. On a conflict the cluster is read and planned again,
+    never overwritten blindly; a CA issued for it is kept across such retries."""
+    assert c.desired is not None
+    d = c.desired
+    target = ws.targets[c.cluster]
+    issued: CACerts | None = None
+    for _ in range(CONFLICT_ATTEMPTS):
+        if c.action is Action.NONE:
+            return outcome(c, ok=True), None
+        if c.action in (Action.FAIL, Action.REFUSE):
+            return outcome(c, ok=False, error=c.message), None
+        if c.action is Action.RECORD:
+            assert reading.material is not None
+            return outcome(c, ok=True), _record(ws, reading.material, d)
+        try:
+            material = _material_for(ws, c, d, reading.material, issued)
+            if c.action is not Action.UPDATE_BUNDLE:
+                issued = material
+            # Everything the next observation would object to, not only istiod's
+            # load checks: otherwise every run would re-issue.
+            problems = observe(material, trust_domain=d.trust_domain, now=ws.clock()).problems
+            if problems:
+                raise TrustmgrError(
+                    f"refusing to write material istiod would reject: {problems[0]}"
+                )
+            target.write(material, adopt=d.adopt)
+        except TargetConflictError as exc:
+            log.info("cluster %s: %s; reading it again", c.cluster, exc)
+            reading = read_cluster(ws, c.cluster)
+            if reading.material == material and reading.why_foreign is None:
+                break  # our write landed, its answer was lost
+            c = _replan(ws, c, d, reading)
+            continue
+        except (TrustmgrError, ProviderError) as exc:
+            kind = "transient" if isinstance(exc, ProviderTransientError) else "error"
+            log.warning("cluster %s: %s (%s)", c.cluster, exc, kind)
+            return outcome(c, ok=False, error=str(exc)), None
+        break
+    else:
+        return outcome(
+            c,
+            ok=False,
+            error=f"the cacerts kept changing while trustmgr wrote it ({CONFLICT_ATTEMPTS} "
+            "conflicts); nothing was overwritten; run again",
+        ), None
+    return _restart_if_needed(ws, c, target), _record(ws, material, d)
+
+
+def _record(ws: Workspace, material: CACerts, d: DesiredCluster) -> ClusterRecord:
+    return record_of(ws, material, mesh=d.mesh, trust_domain=d.trust_domain, provider=d.provider)
+
+
+def _replan(ws: Workspace, c: ClusterPlan, d: DesiredCluster, reading: Reading) -> ClusterPlan:
+    """The cluster planned again from a new reading, with the pass's desired state."""
+    if d.bundle is not None and reading.ca is not None:
+        d = replace(d, bundle=order_bundle(d.bundle, reading.ca.bundle))
+    record = ws.store.load().clusters.get(c.cluster)
+    return plan_cluster(d, reading, record, ws.clock())
+
+
+def record_of(
+    ws: Workspace, material: CACerts, *, mesh: str, trust_domain: str, provider: str
+) -> ClusterRecord:
+    """What was written, from material already checked: parsed, not verified again."""
+    ca = load_certificates(material.ca_cert, "ca-cert.pem")[0]
+    return ClusterRecord(
+        mesh=mesh,
+        trust_domain=trust_domain,
+        provider=provider,
+        fingerprint=fingerprint(ca),
+        serial=format(ca.serial_number, "x"),
+        not_after=ca.not_valid_after_utc,
+        digest=material.digest(),
+        bundle=TrustBundle.from_pem(material.root_cert, "root-cert.pem").fingerprints,
+        written_at=ws.clock(),
+    )
+
+
+def _restart_if_needed(ws: Workspace, c: ClusterPlan, target: Target) -> ClusterOutcome:
+    """After a write istiod cannot hot-reload: restart it if allowed, else say so."""
+    if c.reload is not Reload.RESTART:
+        return outcome(c, ok=True)
+    try:
+        return outcome(c, ok=True, istiod=restart_istiod(ws, c.cluster, target))
+    except TargetError as exc:
+        return outcome(
+            c,
+            ok=False,
+            error=f"cacerts written, but istiod could not be restarted: {exc}",
+            istiod=RESTART_NEEDED,
+        )
+
+
+def restart_istiod(ws: Workspace, cluster: str, target: Target) -> str:
+    """Restart istiod if the cluster allows it and the target can; say which."""
+    if not ws.cluster_config(cluster).istio.restart_istiod or not isinstance(
+        target, IstiodRestarter
+    ):
+        return RESTART_NEEDED
+    target.restart_istiod()
+    return RESTARTED
+
+
+def _material_for(
+    ws: Workspace,
+    c: ClusterPlan,
+    d: DesiredCluster,
+    current: CACerts | None,
+    issued: CACerts | None = None,
+) -> CACerts:
+    if d.bundle is None:
+        raise TrustmgrError(
+            f"the trust bundle of mesh {d.mesh} is incomplete: a provider has no root"
+        )
+    if c.action is Action.UPDATE_BUNDLE and current is not None:
+        return current.with_bundle(d.bundle)
+    if issued is not None:
+        return issued.with_bundle(d.bundle)
+    inter = ws.config.intermediates_for(d.mesh)
+    request = cluster_ca_request(
+        d.trust_domain, cluster=d.name, algorithm=d.key_algorithm, organization=inter.organization
+    )
+    provider = ws.providers[d.provider]
+    answer = provider.sign_ca(request.csr, d.ttl)
+    root = check_signed_ca(answer, request, d.trust_domain, provider=d.provider, now=ws.clock())
+    return assemble(request, answer, root, d.bundle)
+
+
+def _with_imports(state: State, observation: Observation) -> State:
+    """Record the sequence of every imported bundle, so that a replay is refused."""
+    imported = dict(state.imported)
+    for mesh, bundle in observation.external.items():
+        if bundle.sequence is not None:
+            imported[mesh] = BundleRecord(
+                bundle.sequence, tuple(fingerprint(r) for r in bundle.roots)
+            )
+    return state if imported == state.imported else replace(state, imported=imported)

@@ -1,0 +1,163 @@
+"""Observe: read everything a pass decides on into one value, and decide nothing.
+
+What is read, in one vocabulary:
+
+- a :class:`Reading` of each cluster's target: the material, what it says
+  (:class:`~trustmgr.pki.ObservedCA`), and whose it is (:class:`Owner`);
+- each provider's roots, and for a provider that keeps its own root but has
+  none yet, the root it would create (made in memory, not stored);
+- the SPIFFE bundles of external meshes;
+- the state store's content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+
+from trustmgr import external, spiffe
+from trustmgr.errors import TargetError
+from trustmgr.pki import CACerts, ObservedCA, observe
+from trustmgr.providers import Provider, RootKeeper
+from trustmgr.spiffe import SpiffeBundle
+from trustmgr.state.model import State
+
+if TYPE_CHECKING:
+    from trustmgr.engine import Workspace
+
+
+class Owner(StrEnum):
+    """Whose the cacerts a target holds are."""
+
+    NOBODY = "nobody"
+    """The target holds no cacerts."""
+    TRUSTMGR = "trustmgr"
+    """Written by trustmgr (the target's own marks say so: a label, a ``..data`` link)."""
+    FOREIGN = "foreign"
+    """Made by hand or by other tools; replaced only when adopting."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One reading of a cluster's target."""
+
+    material: CACerts | None
+    ca: ObservedCA | None
+    owner: Owner
+    why_foreign: str | None = None
+    """Why the material is not trustmgr's, in the target's words."""
+    error: str | None = None
+    """Why the target could not be read; nothing else is known then."""
+    stamp: str | None = None
+    """The digest trustmgr recorded beside the files when it wrote them: equal to
+    ``ca.digest`` when the material is exactly what trustmgr wrote."""
+    exposed: str | None = None
+    """Why the CA key can be read by others than its owner, if it can."""
+
+    @property
+    def untouched(self) -> bool:
+        """The material is exactly what trustmgr wrote, by the target's own record."""
+        return (
+            self.owner is Owner.TRUSTMGR
+            and self.ca is not None
+            and self.stamp is not None
+            and self.stamp == self.ca.digest
+        )
+
+
+def unreadable(error: str) -> Reading:
+    return Reading(None, None, Owner.NOBODY, error=error)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one pass decides on, read at ``taken_at``."""
+
+    clusters: Mapping[str, Reading]
+    roots: Mapping[str, tuple[x509.Certificate, ...]]
+    """Each provider's roots as it reports them now."""
+    prepared: Mapping[str, x509.Certificate]
+    """For providers that keep their own root and have none: the root they would create."""
+    external: Mapping[str, SpiffeBundle]
+    state: State
+    taken_at: datetime
+
+    def roots_of(self, provider: str) -> tuple[x509.Certificate, ...]:
+        """The provider's roots once prepared roots are kept."""
+        if provider in self.prepared:
+            return (self.prepared[provider],)
+        return self.roots.get(provider, ())
+
+
+def read_cluster(ws: Workspace, cluster: str) -> Reading:
+    """Read one target; a failure to read is part of what is read."""
+    trust_domain = ws.config.meshes[ws.meshes_of[cluster]].trust_domain
+    target = ws.targets[cluster]
+    try:
+        material = target.read()
+    except TargetError as exc:
+        return unreadable(str(exc))
+    if material is None:
+        return Reading(None, None, Owner.NOBODY)
+    ca = observe(material, trust_domain=trust_domain, now=ws.clock())
+    foreign = target.foreign
+    return Reading(
+        material,
+        ca,
+        Owner.FOREIGN if foreign is not None else Owner.TRUSTMGR,
+        why_foreign=foreign,
+        stamp=getattr(target, "stamp", None),
+        exposed=getattr(target, "exposed", None),
+    )
+
+
+def read_clusters(ws: Workspace, workers: int = 16) -> dict[str, Reading]:
+    """Read every target, ``workers`` at a time."""
+    names = list(ws.targets)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda c: read_cluster(ws, c), names), strict=True))
+
+
+def provider_roots(providers: Mapping[str, Provider]) -> dict[str, tuple[x509.Certificate, ...]]:
+    """Each provider's roots: one call each (a network call for Vault and AWS)."""
+    return {name: provider.roots() for name, provider in providers.items()}
+
+
+def external_bundles(ws: Workspace) -> dict[str, SpiffeBundle]:
+    """The current SPIFFE bundle of every external mesh."""
+    out = {}
+    for name, mesh in ws.config.meshes.items():
+        if mesh.external is not None:
+            data, where = external.fetch(mesh.external.spiffe_bundle, mesh=name)
+            out[name] = spiffe.decode(data, source=where, now=ws.clock())
+    return out
+
+
+def observe_all(
+    ws: Workspace,
+    *,
+    workers: int = 16,
+    clusters: Callable[[], dict[str, Reading]] | None = None,
+) -> Observation:
+    """One observation of everything. ``clusters`` replaces the reading of the
+    targets (a pass that already read them)."""
+    roots = provider_roots(ws.providers)
+    prepared = {
+        name: provider.prepare_root()
+        for name, provider in ws.providers.items()
+        if not roots[name] and isinstance(provider, RootKeeper)
+    }
+    return Observation(
+        clusters=clusters() if clusters is not None else read_clusters(ws, workers),
+        roots=roots,
+        prepared=prepared,
+        external=external_bundles(ws),
+        state=ws.store.load(),
+        taken_at=ws.clock(),
+    )
