@@ -31,7 +31,7 @@ from trustmgr.planner import Action, ClusterPlan, DesiredCluster, Plan, Reload, 
 from trustmgr.providers import ProviderError, ProviderTransientError, RootKeeper
 from trustmgr.state.model import BundleRecord, ClusterRecord, State
 from trustmgr.targets import Target
-from trustmgr.targets.base import IstiodRestarter
+from trustmgr.targets.base import IstiodRestarter, Tidyable
 
 if TYPE_CHECKING:
     from trustmgr.engine import Workspace
@@ -210,6 +210,8 @@ def _apply_cluster(
             return outcome(c, ok=False, error=c.message), None
         if c.action is Action.RECORD:
             assert reading.material is not None
+            if isinstance(target, Tidyable):
+                target.tidy()  # an interrupted write may have left a set behind
             return outcome(c, ok=True), _record(ws, reading.material, d)
         try:
             material = _material_for(ws, c, d, reading.material, issued)

@@ -83,10 +83,10 @@ def _drift(reading: Reading, record: ClusterRecord | None) -> str | None:
         return "not written by trustmgr" if record is None else "replaced outside trustmgr"
     if seen is None:
         return "missing" if record else "not bootstrapped"
-    if reading.exposed is not None:
-        return f"key exposed: {reading.exposed}"
     if reading.stamp is not None and not reading.untouched:
         return "files changed outside trustmgr"
+    if reading.exposed is not None:
+        return f"key exposed: {reading.exposed}"
     if record is None:
         return (
             "written by trustmgr, not recorded" if reading.untouched else "not written by trustmgr"

@@ -74,6 +74,15 @@ class Rollbackable(Protocol):
 
 
 @runtime_checkable
+class Tidyable(Protocol):
+    """A target where an interrupted write can leave things behind."""
+
+    def tidy(self) -> None:
+        """Remove what an interrupted write left (never what istiod reads)."""
+        ...
+
+
+@runtime_checkable
 class IstiodRestarter(Protocol):
     """A target that can restart the cluster's istiod."""
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from trustmgr.atomic import fsync_dir
+from trustmgr.atomic import fsync_dir, make_private_dirs
 from trustmgr.errors import TargetConflictError, TargetError
 from trustmgr.pki import CACERTS_FILES, CACerts
 from trustmgr.targets.base import Previous, secret_manifest_yaml
@@ -85,6 +85,10 @@ class DirectoryTarget:
         self.cluster = cluster
         self.description = f"directory {path}"
         self.foreign: str | None = None
+        self.stamp: str | None = None
+        """After ``read``: the digest in the cacerts.yaml trustmgr wrote with the files."""
+        self.exposed: str | None = None
+        """After ``read``: why the CA key trustmgr wrote can be read by others, if it can."""
 
     def close(self) -> None:
         pass
@@ -133,16 +137,19 @@ class DirectoryTarget:
         return None
 
     def read(self) -> CACerts | None:
-        self.foreign = None
+        self.foreign = self.stamp = self.exposed = None
         try:
             layout = self._layout()
             # All links ours: one readlink, then every file from that snapshot,
             # consistent even mid-swap. Otherwise what istiod reads: the names.
             base = self.path / layout.data if layout.linked and layout.data else self.path
             material = self._read(base)
+            self.foreign = self._foreign(layout, material)
+            if material is not None and self.foreign is None and layout.data is not None:
+                self.stamp = _stamp(self.path / layout.data / MANIFEST)
+                self.exposed = _exposed(base)
         except OSError as exc:
             raise self._fail("read", exc) from None
-        self.foreign = self._foreign(layout, material)
         return material
 
     def _read(self, base: Path) -> CACerts | None:
@@ -168,13 +175,15 @@ class DirectoryTarget:
             raise TargetError(
                 f"cannot write {self.path}: permission denied on {probe} (check the directory's owner and mode)"
             )
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            raise TargetError(f"cannot write {self.path}: {probe} is on a read-only mount")
 
     # writing
 
     def write(self, material: CACerts, *, adopt: bool = False) -> None:
         files = {**material.files(), MANIFEST: secret_manifest_yaml(material, cluster=self.cluster)}
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.path)
             layout = self._layout()
             current = None if layout.linked else self._read(self.path)
             held = self._read(self.path / layout.data) if layout.linked and layout.data else current
@@ -199,8 +208,10 @@ class DirectoryTarget:
             if data is not None:
                 # Kept before the switch: should this fail, nothing has changed.
                 _swap_link(self.path, PREVIOUS_LINK, data)
-            _swap_link(self.path, DATA_LINK, new)
+            # Names first: on a first write they dangle until ..data exists, so
+            # all files appear at once with the one rename below, never some.
             self._link_names(_ALL_FILES)
+            _swap_link(self.path, DATA_LINK, new)
             fsync_dir(self.path)
         except OSError as exc:
             if self._own(DATA_LINK) != new:
@@ -210,6 +221,27 @@ class DirectoryTarget:
         keep = {new, data} if data else {new}
         for name in (*released, old_previous):
             self._drop(name, keep=keep)
+        self.tidy()
+
+    def tidy(self) -> None:
+        """Delete stamp directories nothing refers to: sets an interrupted write
+        made, or stopped before releasing, CA keys included."""
+        try:
+            keep = {self._own(DATA_LINK), self._own(PREVIOUS_LINK)}
+            strays = [
+                e.name
+                for e in os.scandir(self.path)
+                if STAMP.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+            ]
+        except OSError as exc:
+            log.warning("could not list %s: %s", self.path, exc.strerror)
+            return
+        for name in strays:
+            if name not in keep:
+                log.info(
+                    "cluster %s: removing %s, left by an interrupted write", self.cluster, name
+                )
+                self._drop(name, keep=set())
 
     def _check_data_link(self) -> None:
         link = self.path / DATA_LINK
@@ -361,6 +393,30 @@ class DirectoryTarget:
             raise self._fail("write", exc) from None
         for name in released:
             self._drop(name, keep={kept, data} if data else {kept})
+
+
+_DIGEST = re.compile(rb"trustmgr\.io/digest: ([0-9a-f]{64})\b")
+
+
+def _stamp(manifest: Path) -> str | None:
+    """The digest annotation of a cacerts.yaml trustmgr wrote, if readable."""
+    try:
+        match = _DIGEST.search(manifest.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return match.group(1).decode() if match else None
+
+
+def _exposed(base: Path) -> str | None:
+    """Why the files holding the CA key can be read by others than their owner."""
+    for name in sorted(_SECRET_FILES):
+        try:
+            mode = stat.S_IMODE((base / name).stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if mode & 0o077:
+            return f"{name} is readable by others than its owner (mode {mode:04o})"
+    return None
 
 
 def _write_file(path: Path, content: bytes, mode: int) -> None:
