@@ -329,12 +329,15 @@ def test_all_config_problems_at_once(workdir: Path) -> None:
     ]
 
 
-def test_debug_shows_the_traceback(workdir: Path) -> None:
+@pytest.mark.parametrize("args", [["--debug", "validate"], ["validate", "--debug"]])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(
+    workdir: Path, args: list[str]
+) -> None:
     (workdir / "trustmgr.yaml").write_text(BASE.replace("[web, api]", "[web, ghost]"))
-    with pytest.raises(Exception, match="unknown mesh"):
-        from trustmgr.cli import main
-
-        main(["--debug", "validate"])
+    run = trustmgr(*args)
+    assert run.code == 2
+    assert "Traceback (most recent call last)" in run.err
+    assert run.err.rstrip().splitlines()[-1].endswith("unknown mesh 'ghost'")
 
 
 def test_unused_state_dir_is_not_needed_to_validate(workdir: Path) -> None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,13 +41,20 @@ from trustmgr.status import cluster_status, verify_all
 log = logging.getLogger("trustmgr")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CHANGES_PENDING = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
 @dataclass
 class Context:
-    config_path: Path
-    debug: bool
-    verbose: bool = False
+    config_path: Path = field(
+        default_factory=lambda: Path(os.environ.get("TRUSTMGR_CONFIG") or config_mod.DEFAULT_CONFIG)
+    )
+    debug: bool = False
+    verbosity: int = 0
+
+    @property
+    def verbose(self) -> bool:
+        return self.verbosity > 0
 
     def config(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
@@ -68,29 +80,72 @@ adopt_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    default=config_mod.DEFAULT_CONFIG,
-    show_default=True,
-    help="Configuration file.",
-)
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.version_option(__version__, prog_name="trustmgr")
-@click.pass_context
-def cli(ctx: click.Context, config_path: Path, verbose: int, debug: bool) -> None:
-    """Multi-cluster trust and certificate manager for Istio."""
+def _set_config(ctx: click.Context, _: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Context).config_path = value
+
+
+def _set_verbose(ctx: click.Context, _: click.Parameter, value: int) -> None:
+    if value:
+        obj = ctx.ensure_object(Context)
+        obj.verbosity += value
+        _log_levels(obj.verbosity)
+
+
+def _set_debug(ctx: click.Context, _: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Context).debug = True
+
+
+def _log_levels(verbosity: int) -> None:
     # Only trustmgr's own loggers get more verbose: SDKs (botocore, urllib3, hvac,
     # kubernetes) log request headers and bodies at DEBUG, tokens and keys included.
-    if verbose:
-        for name in ("trustmgr", "providers"):
-            logging.getLogger(name).setLevel(max(logging.WARNING - 10 * verbose, logging.DEBUG))
+    level = max(logging.WARNING - 10 * verbosity, logging.DEBUG)
+    logging.getLogger("trustmgr").setLevel(level)
+
+
+def global_options(f: Any) -> Any:
+    """-c/--config, -v/--verbose and --debug, accepted before or after the
+    subcommand, as kubectl and helm users type them."""
+    options = (
+        click.option(
+            "-c",
+            "--config",
+            type=click.Path(path_type=Path),
+            expose_value=False,
+            callback=_set_config,
+            help=f"Configuration file (default: $TRUSTMGR_CONFIG or {config_mod.DEFAULT_CONFIG}).",
+        ),
+        click.option(
+            "-v",
+            "--verbose",
+            count=True,
+            expose_value=False,
+            callback=_set_verbose,
+            help="More log output (-vv for debug logs).",
+        ),
+        click.option(
+            "--debug",
+            is_flag=True,
+            expose_value=False,
+            callback=_set_debug,
+            help="Show tracebacks.",
+        ),
+    )
+    # A function's decorators apply bottom-up; a Command's params append in order.
+    for option in options if isinstance(f, click.Command) else reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@global_options
+@click.version_option(__version__, prog_name="trustmgr")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Multi-cluster trust and certificate manager for Istio."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = Context(config_path, debug, verbose > 0)
+    ctx.ensure_object(Context)
 
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -201,12 +256,15 @@ def _restart_note(ws: Workspace, cluster: str, needed: bool) -> str:
     return " (istiod restart needed)"
 
 
-def _report(report: Report, output: str, ws: Workspace, *, verbose: bool) -> None:
+def _report(
+    report: Report, output: str, ws: Workspace, *, verbose: bool, interrupted_by: list[int]
+) -> None:
     if output == "json":
         _echo_json(
             {
                 "ok": report.ok,
                 "changed": report.changed,
+                "interrupted": report.interrupted,
                 "rootsCreated": list(report.roots_created),
                 "clusters": [
                     {
@@ -217,6 +275,7 @@ def _report(report: Report, output: str, ws: Workspace, *, verbose: bool) -> Non
                         "ok": o.ok,
                         "error": o.error,
                         "istiod": o.istiod,
+                        "started": o.started,
                         "target": ws.targets[o.cluster].description,
                     }
                     for o in report.outcomes
@@ -225,6 +284,8 @@ def _report(report: Report, output: str, ws: Workspace, *, verbose: bool) -> Non
         )
     else:
         _report_table(report, ws, verbose=verbose)
+    if interrupted_by:
+        sys.exit(128 + interrupted_by[0])
     if not report.ok:
         sys.exit(EXIT_FAILED)
 
@@ -242,16 +303,20 @@ def _report_table(report: Report, ws: Workspace, *, verbose: bool) -> None:
         elif o.ok:
             where = ws.targets[o.cluster].description
             click.echo(f"{o.action:<13} {o.cluster} ({o.reason}) -> {where}{istiod}")
+        elif not o.started:
+            click.echo(f"{'not started':<13} {o.cluster}", err=True)
         else:
             verdict = "refused" if o.action is Action.REFUSE else "failed"
             click.echo(f"{verdict:<13} {o.cluster}: {o.error}", err=True)
     done = sum(1 for o in report.outcomes if o.ok and o.action is not Action.NONE)
     refused = sum(1 for o in report.outcomes if o.action is Action.REFUSE)
-    failed = sum(1 for o in report.outcomes if not o.ok) - refused
+    unstarted = sum(1 for o in report.outcomes if not o.started)
+    failed = sum(1 for o in report.outcomes if not o.ok) - refused - unstarted
     same = sum(1 for o in report.outcomes if o.action is Action.NONE)
     restart = sum(1 for o in report.outcomes if o.istiod == "restart needed")
     line = f"{len(report.outcomes)} clusters: {done} changed, {same} up to date, {failed} failed"
     line += f", {refused} refused" if refused else ""
+    line += f", {unstarted} not started (interrupted; run again)" if unstarted else ""
     line += f"; {restart} need an istiod restart" if restart else ""
     click.echo(line)
 
@@ -280,14 +345,43 @@ class _Progress:
             self._bar.__exit__(None, None, None)
 
 
+@contextmanager
+def stopping_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
+    """SIGTERM and SIGINT set the event: a run stops starting new clusters,
+    finishes those in flight and saves what completed. A second signal stops at
+    once (what was written is recognised and recorded by the next run)."""
+    stop, received = threading.Event(), []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.set()
+        click.echo(
+            f"trustmgr: {signal.Signals(signum).name}: finishing the clusters in flight "
+            "(signal again to stop at once)",
+            err=True,
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop, received  # signals are delivered to the main thread only
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _apply(obj: Context, output: str, workers: int, adopt: bool) -> None:
     progress = _Progress()
-    with obj.workspace() as ws:
+    with obj.workspace() as ws, stopping_on_signals() as (stop, received):
         try:
-            report = apply(ws, workers=workers, adopt=adopt, progress=progress)
+            report = apply(ws, workers=workers, adopt=adopt, progress=progress, stop=stop)
         finally:
             progress.close()
-        _report(report, output, ws, verbose=obj.verbose)
+        _report(report, output, ws, verbose=obj.verbose, interrupted_by=received[:1])
 
 
 @cli.command()
@@ -552,6 +646,17 @@ intermediates:
 """
 
 
+def _with_global_options(group: click.Group) -> None:
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _with_global_options(command)
+        else:
+            global_options(command)
+
+
+_with_global_options(cli)
+
+
 def _error_lines(exc: BaseException) -> list[str]:
     if isinstance(exc, ConfigError):
         return exc.lines()
@@ -569,21 +674,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         exc.show()
         sys.exit(EXIT_BAD_INPUT)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(EXIT_FAILED)
+        click.echo("trustmgr: interrupted", err=True)
+        sys.exit(EXIT_SIGINT)
     except (TrustmgrError, ProviderError) as exc:
         if debug:
-            raise
+            traceback.print_exc()
         for line in _error_lines(exc):
             click.echo(f"trustmgr: {line}", err=True)
         if isinstance(exc, TrustmgrError):
             sys.exit(exc.exit_code)
         sys.exit(EXIT_BAD_INPUT if isinstance(exc, ProviderNeedsFixError) else EXIT_FAILED)
     except KeyboardInterrupt:
-        sys.exit(130)
+        click.echo("trustmgr: interrupted", err=True)
+        sys.exit(EXIT_SIGINT)
     except Exception as exc:
         if debug:
-            raise
+            traceback.print_exc()
         click.echo(
             f"trustmgr: unexpected {type(exc).__name__}; run again with --debug for the traceback",
             err=True,
