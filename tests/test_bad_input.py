@@ -330,9 +330,7 @@ def test_all_config_problems_at_once(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [["--debug", "validate"], ["validate", "--debug"]])
-def test_debug_shows_the_traceback_and_keeps_the_exit_code(
-    workdir: Path, args: list[str]
-) -> None:
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(workdir: Path, args: list[str]) -> None:
     (workdir / "trustmgr.yaml").write_text(BASE.replace("[web, api]", "[web, ghost]"))
     run = trustmgr(*args)
     assert run.code == 2
