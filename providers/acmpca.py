@@ -3,8 +3,9 @@
 One issuance is DescribeCertificateAuthority (on first use: is the CA ACTIVE,
 which algorithm does it sign with), GetCertificateAuthorityCertificate (its
 chain and root, and the notAfter an issued CA may not pass), IssueCertificate
-with the ``SubordinateCACertificate_PathLen0_CSRPassthrough/V1`` template, the
-``certificate_issued`` waiter, and GetCertificate.
+with the ``SubordinateCACertificate_PathLen0_CSRPassthrough/V1`` template and
+an explicit validity (notBefore ``BACKDATE`` in the past, notAfter as asked or
+shortened), the ``certificate_issued`` waiter, and GetCertificate.
 
 The provider needs only ``PcaClient``, a five-method slice of boto3's client,
 so tests can stub it. boto3 and botocore are imported only when a client is
@@ -28,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmgr.providers.base import (
+    BACKDATE,
     Clock,
     ProviderError,
     ProviderNeedsFixError,
@@ -208,11 +210,13 @@ class AcmPcaProvider:
     def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
         """Issue ``csr`` as a pathlen-0 CA valid for ``ttl``, shortened to the
         notAfter of the private CA and of every certificate above it (AWS
-        refuses a certificate that outlives its issuers)."""
+        refuses a certificate that outlives its issuers). Its notBefore is
+        ``BACKDATE`` ago, or the private CA's notBefore if that is later."""
         algorithm = self._check_active()
         ca, above = self._authority_certificates()
         now = self._clock()
         not_after = min([now + ttl, *(c.not_valid_after_utc for c in (ca, *above))])
+        not_before = max(now - BACKDATE, ca.not_valid_before_utc)
         if not_after <= now:
             raise ProviderNeedsFixError(
                 f"provider {self.name}: certificate authority {self.certificate_authority_arn} "
@@ -226,7 +230,10 @@ class AcmPcaProvider:
                 Csr=csr.public_bytes(serialization.Encoding.PEM),
                 SigningAlgorithm=algorithm,
                 TemplateArn=self.template_arn,
-                Validity={"Type": "ABSOLUTE", "Value": int(not_after.timestamp())},
+                # Whole seconds, rounded down, so notAfter is never later than
+                # allowed. Without ValidityNotBefore AWS backdates by 60 minutes.
+                Validity={"Type": "ABSOLUTE", "Value": math.floor(not_after.timestamp())},
+                ValidityNotBefore={"Type": "ABSOLUTE", "Value": math.floor(not_before.timestamp())},
                 IdempotencyToken=_idempotency_token(csr),
             )
         certificate_arn = issued["CertificateArn"]

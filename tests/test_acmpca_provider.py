@@ -48,6 +48,7 @@ from trustmgr.errors import ProviderAnswerError
 from trustmgr.pki import check_signed_ca, cluster_ca_request, uri_sans
 from trustmgr.providers import Provider, ProviderNeedsFixError, ProviderTransientError
 from trustmgr.providers.acmpca import AcmPcaProvider, build_client, default_template_arn
+from trustmgr.providers.base import BACKDATE
 from trustmgr.providers.config import AcmPcaConfig
 from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage
 from trustmgr.status import verify_all
@@ -81,8 +82,14 @@ class Authority:
 
     @classmethod
     def create(
-        cls, now: datetime, *, subordinate: bool = True, lifetime: timedelta = timedelta(days=3650)
+        cls,
+        now: datetime,
+        *,
+        subordinate: bool = True,
+        lifetime: timedelta = timedelta(days=3650),
+        age: timedelta = timedelta(days=1),
     ) -> Authority:
+        """``age``: how long before ``now`` the private CA became valid."""
         root_key = ec.generate_private_key(ec.SECP256R1())
         root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test PCA Root")])
         root = (
@@ -109,7 +116,7 @@ class Authority:
             .issuer_name(root_name)
             .public_key(ca_key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
+            .not_valid_before(now - age)
             .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
             .add_extension(ca_key_usage(digital_signature=True), critical=True)
@@ -130,12 +137,17 @@ class Authority:
         return () if self.ca == self.root else (self.root,)
 
     def sign(
-        self, csr: x509.CertificateSigningRequest, *, not_after: datetime, now: datetime
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        not_after: datetime,
+        now: datetime,
+        not_before: datetime | None = None,
     ) -> x509.Certificate:
         """What AWS issues with SubordinateCACertificate_PathLen0_CSRPassthrough/V1:
         the template's BasicConstraints and KeyUsage, SKI from the CSR's key,
-        AKI from the CA, every other CSR extension copied, notBefore 60 minutes
-        back (AWS's default)."""
+        AKI from the CA, every other CSR extension copied, notBefore as asked
+        (ValidityNotBefore) or 60 minutes back (AWS's default)."""
         template = (x509.BasicConstraints, x509.KeyUsage)
         builder = (
             x509.CertificateBuilder()
@@ -143,7 +155,7 @@ class Authority:
             .issuer_name(self.ca.subject)
             .public_key(csr.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=60))
+            .not_valid_before(not_before or now - timedelta(minutes=60))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(ca_key_usage(digital_signature=True), critical=True)
@@ -260,6 +272,7 @@ def test_issues_with_the_exact_request_and_returns_the_chain_without_the_root(
             "SigningAlgorithm": "SHA384WITHECDSA",  # the CA's own, from Describe
             "TemplateArn": TEMPLATE,
             "Validity": {"Type": "ABSOLUTE", "Value": 1932724800},  # NOW + 30 days
+            "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": 1930132500},  # NOW - 5 minutes
             "IdempotencyToken": _token(request.csr),
         },
     )
@@ -291,6 +304,7 @@ def test_configured_signing_algorithm_and_template_win(
             "SigningAlgorithm": "SHA256WITHECDSA",
             "TemplateArn": template,
             "Validity": {"Type": "ABSOLUTE", "Value": int((NOW + timedelta(hours=1)).timestamp())},
+            "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": int((NOW - BACKDATE).timestamp())},
             "IdempotencyToken": _token(request.csr),
         },
     )
@@ -317,12 +331,80 @@ def test_validity_is_cut_to_the_private_cas_not_after(
             "SigningAlgorithm": "SHA256WITHECDSA",
             "TemplateArn": TEMPLATE,
             "Validity": {"Type": "ABSOLUTE", "Value": int(ca_end.timestamp())},
+            "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": int((NOW - BACKDATE).timestamp())},
             "IdempotencyToken": _token(request.csr),
         },
     )
     _expect_polls(stubber, authority, issued, in_progress=0)
     answer = _provider(pca_client).sign_ca(request.csr, timedelta(days=30))
     assert answer.chain[0].not_valid_after_utc == ca_end
+
+
+def _expect_issue(
+    stub: Stubber, request: x509.CertificateSigningRequest, *, not_before: int, not_after: int
+) -> None:
+    stub.add_response(
+        "issue_certificate",
+        {"CertificateArn": CERT_ARN},
+        {
+            "CertificateAuthorityArn": ARN,
+            "Csr": request.public_bytes(Encoding.PEM),
+            "SigningAlgorithm": "SHA256WITHECDSA",
+            "TemplateArn": TEMPLATE,
+            "Validity": {"Type": "ABSOLUTE", "Value": not_after},
+            "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": not_before},
+            "IdempotencyToken": _token(request),
+        },
+    )
+
+
+def test_not_before_is_backdated_from_the_injected_clock_and_not_after_never_exceeds_the_ttl(
+    pca_client: ACMPCAClient, stubber: Stubber
+) -> None:
+    """Sent in whole seconds, rounded down: notBefore at least BACKDATE back,
+    notAfter no later than now + ttl."""
+    now = NOW + timedelta(microseconds=750_000)
+    authority = Authority.create(NOW)
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    not_before, not_after = NOW - timedelta(minutes=5), NOW + timedelta(hours=6)
+    issued = authority.sign(request.csr, not_after=not_after, now=NOW, not_before=not_before)
+    _expect_start(stubber, authority)
+    _expect_issue(
+        stubber,
+        request.csr,
+        not_before=1930132500,  # 2031-03-01T11:55:00Z
+        not_after=1930154400,  # 2031-03-01T18:00:00Z
+    )
+    _expect_polls(stubber, authority, issued, in_progress=0)
+
+    answer = _provider(pca_client, clock=lambda: now).sign_ca(request.csr, timedelta(hours=6))
+
+    stubber.assert_no_pending_responses()
+    ca = answer.chain[0]
+    assert now - ca.not_valid_before_utc >= BACKDATE
+    assert ca.not_valid_after_utc <= now + timedelta(hours=6)
+    check_signed_ca(answer, request, TRUST_DOMAIN, provider="pca", now=now)
+
+
+def test_not_before_is_not_earlier_than_a_young_private_cas(
+    pca_client: ACMPCAClient, stubber: Stubber
+) -> None:
+    authority = Authority.create(NOW, age=timedelta(minutes=2))
+    request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
+    born = authority.ca.not_valid_before_utc
+    issued = authority.sign(
+        request.csr, not_after=NOW + timedelta(days=1), now=NOW, not_before=born
+    )
+    _expect_start(stubber, authority)
+    _expect_issue(
+        stubber,
+        request.csr,
+        not_before=int(born.timestamp()),  # NOW - 2 minutes, not NOW - BACKDATE
+        not_after=int((NOW + timedelta(days=1)).timestamp()),
+    )
+    _expect_polls(stubber, authority, issued, in_progress=0)
+    _provider(pca_client).sign_ca(request.csr, timedelta(days=1))
+    stubber.assert_no_pending_responses()
 
 
 def test_a_retried_issuance_sends_the_same_idempotency_token(
@@ -348,6 +430,7 @@ def test_a_retried_issuance_sends_the_same_idempotency_token(
         expected_params={
             **issue,
             "Validity": {"Type": "ABSOLUTE", "Value": int((NOW + timedelta(days=1)).timestamp())},
+            "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": int((NOW - BACKDATE).timestamp())},
         },
     )
     stubber.add_response(
@@ -363,6 +446,10 @@ def test_a_retried_issuance_sends_the_same_idempotency_token(
             "Validity": {
                 "Type": "ABSOLUTE",
                 "Value": int((later + timedelta(days=1)).timestamp()),
+            },
+            "ValidityNotBefore": {
+                "Type": "ABSOLUTE",
+                "Value": int((later - BACKDATE).timestamp()),
             },
         },
     )
@@ -681,9 +768,13 @@ class StubbedPca:
             assert params["TemplateArn"] == TEMPLATE
             assert params["SigningAlgorithm"] == "SHA256WITHECDSA"
             assert params["Validity"]["Type"] == "ABSOLUTE"
+            assert params["ValidityNotBefore"]["Type"] == "ABSOLUTE"
             csr = x509.load_pem_x509_csr(params["Csr"])
             not_after = datetime.fromtimestamp(params["Validity"]["Value"], UTC)
-            cert = authority.sign(csr, not_after=not_after, now=self._clock())
+            not_before = datetime.fromtimestamp(params["ValidityNotBefore"]["Value"], UTC)
+            cert = authority.sign(
+                csr, not_after=not_after, now=self._clock(), not_before=not_before
+            )
             arn = f"{ARN}/certificate/{cert.serial_number:x}"
             self._issued[arn] = cert
             stub.add_response("issue_certificate", {"CertificateArn": arn}, params)

