@@ -3,8 +3,7 @@
 Layout::
 
     state.json                       cluster records, with a version for compare-and-set
-    providers/<name>/root-cert.pem   self-signed roots
-    providers/<name>/root-key.pem    encrypted root keys, mode 0600
+    providers/<name>/root.pem        a self-signed root and its encrypted key, mode 0600
     lock                             held for the whole of a run
 """
 
