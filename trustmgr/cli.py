@@ -27,6 +27,7 @@ from trustmgr.engine import (
     Report,
     Workspace,
     apply,
+    current_federation,
     make_plan,
     now_utc,
     rollback,
@@ -503,7 +504,7 @@ def _print_findings(findings: list[Finding]) -> None:
 def trust_matrix(obj: Context, output: str) -> None:
     """Which mesh accepts the identities of which, and why."""
     with obj.workspace() as ws:
-        federation = ws.federation()
+        federation = current_federation(ws)
     cells = federation.matrix()
     if output == "json":
         _echo_json(
@@ -545,7 +546,7 @@ def trust_matrix(obj: Context, output: str) -> None:
 def trust_graph(obj: Context, fmt: str, out: Path | None) -> None:
     """Meshes, their providers and federations, as DOT, Mermaid or SVG."""
     with obj.workspace() as ws:
-        federation = ws.federation()
+        federation = current_federation(ws)
     text = {"dot": graph.to_dot, "mermaid": graph.to_mermaid, "svg": graph.to_svg}[fmt](federation)
     if out is None:
         click.echo(text, nl=False)
@@ -573,7 +574,7 @@ def federation_export(obj: Context, mesh: str, output: str, multi_root: bool | N
     """The meshConfig fragment to merge into istiod's Helm values."""
     with obj.workspace() as ws:
         _known_mesh(ws, mesh)
-        federation = ws.federation()
+        federation = current_federation(ws)
     if multi_root is None:
         multi_root = any(c.istio.multi_root for c in ws.config.meshes[mesh].clusters.values())
     fragment = mesh_config_fragment(federation, mesh, multi_root=multi_root)
@@ -596,7 +597,7 @@ def bundle_export(obj: Context, mesh: str, out: Path | None, refresh_hint: int) 
     """The mesh's SPIFFE bundle (JWKS); spiffe_sequence increases whenever its roots change."""
     with obj.workspace() as ws:
         _known_mesh(ws, mesh)
-        roots = ws.federation().meshes[mesh].roots
+        roots = current_federation(ws).meshes[mesh].roots
         if not roots:
             raise click.UsageError(f"mesh {mesh} has no root yet; run `trustmgr bootstrap` first")
         if out is not None and not out.parent.is_dir():

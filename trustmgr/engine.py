@@ -18,17 +18,13 @@ answers a conflict, upon which that cluster alone is read again and planned agai
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
-from types import TracebackType
 
 from cryptography import x509
 
 from trustmgr import spiffe
 from trustmgr.bundles import fingerprint
-from trustmgr.config import ClusterConfig, Config
 from trustmgr.errors import BadInputError, TargetError
 from trustmgr.execute import (
     ClusterOutcome,
@@ -48,17 +44,12 @@ from trustmgr.observe import (
     observe_all,
     provider_roots,
     read_cluster,
-    read_clusters,
 )
 from trustmgr.pki import ObservedCA, istiod_problems, observe
 from trustmgr.planner import Plan, Reload, change_reload, decide, federation_of
-from trustmgr.providers import Clock, Provider
-from trustmgr.state.file import FileStateStore
 from trustmgr.state.model import BundleRecord
-from trustmgr.targets import Target
 from trustmgr.targets.base import Rollbackable
-from trustmgr.targets.directory import DirectoryTarget
-from trustmgr.upstream import build_provider
+from trustmgr.workspace import Workspace
 
 __all__ = [
     "ClusterOutcome",
@@ -68,93 +59,17 @@ __all__ = [
     "Report",
     "Workspace",
     "apply",
+    "current_federation",
     "make_plan",
     "rollback",
     "spiffe_export",
 ]
 
-TargetFactory = Callable[[str, ClusterConfig], Target]
 
-
-def default_target(cluster: str, config: ClusterConfig) -> Target:
-    if config.directory is not None:
-        return DirectoryTarget(Path(config.directory.path).expanduser(), cluster=cluster)
-    from trustmgr.targets.kubernetes import KubernetesTarget
-
-    assert config.kubernetes is not None
-    target: Target = KubernetesTarget(cluster, config.kubernetes)
-    return target
-
-
-@dataclass
-class Workspace:
-    """The handles one pass works with, built once from the configuration: the
-    configuration, the clock, the state store, providers and targets. It decides
-    nothing. Close it (or use it as a context manager) to release connections."""
-
-    config: Config
-    clock: Clock
-    store: FileStateStore
-    providers: dict[str, Provider]
-    targets: dict[str, Target]
-    meshes_of: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def build(
-        cls,
-        config: Config,
-        *,
-        clock: Clock,
-        target_factory: TargetFactory = default_target,
-        store: FileStateStore | None = None,
-        providers: Mapping[str, Provider] | None = None,
-    ) -> Workspace:
-        """``providers`` replaces the providers built from the configuration,
-        by name: the seam for a provider whose remote side cannot run here."""
-        store = store or FileStateStore(Path(config.state_store.file.path).expanduser())
-        given = providers or {}
-        built = {
-            name: given.get(name) or build_provider(name, p, blobs=store.blobs(), clock=clock)
-            for name, p in config.providers.items()
-            if any(m.provider == name for m in config.meshes.values())
-        }
-        targets = {cluster: target_factory(cluster, c) for _, cluster, c in config.clusters()}
-        meshes_of = {cluster: mesh for mesh, cluster, _ in config.clusters()}
-        return cls(config, clock, store, built, targets, meshes_of)
-
-    def close(self) -> None:
-        """Release every target's and provider's connections."""
-        for target in self.targets.values():
-            target.close()
-        for provider in self.providers.values():
-            close = getattr(provider, "close", None)
-            if callable(close):
-                close()
-
-    def __enter__(self) -> Workspace:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def cluster_config(self, cluster: str) -> ClusterConfig:
-        return self.config.meshes[self.meshes_of[cluster]].clusters[cluster]
-
-    def read(self, cluster: str) -> Reading:
-        return read_cluster(self, cluster)
-
-    def read_all(self, workers: int = 16) -> dict[str, Reading]:
-        return read_clusters(self, workers)
-
-    def federation(self) -> Federation:
-        """Every mesh with the roots it has now (none created)."""
-        roots = provider_roots(self.providers)
-        return federation_of(self.config, lambda p: roots.get(p, ()), external_bundles(self))
+def current_federation(ws: Workspace) -> Federation:
+    """Every mesh with the roots it has now (none created)."""
+    roots = provider_roots(ws.providers)
+    return federation_of(ws.config, lambda p: roots.get(p, ()), external_bundles(ws))
 
 
 def make_plan(ws: Workspace, *, workers: int = 16, adopt: bool = False) -> Plan:
@@ -223,7 +138,7 @@ def rollback(ws: Workspace, cluster: str) -> Rollback:
     mesh = ws.config.meshes[ws.meshes_of[cluster]]
     with ws.store.lock():
         state = ws.store.load()
-        replaced = ws.read(cluster)
+        replaced = read_cluster(ws, cluster)
         if replaced.error:
             raise TargetError(f"cluster {cluster}: {replaced.error}")
         previous = target.previous()

@@ -20,7 +20,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
 from trustmgr.errors import TargetConflictError, TargetError, TrustmgrError
@@ -32,9 +31,7 @@ from trustmgr.providers import ProviderError, ProviderTransientError, RootKeeper
 from trustmgr.state.model import BundleRecord, ClusterRecord, State
 from trustmgr.targets import Target
 from trustmgr.targets.base import IstiodRestarter, Tidyable
-
-if TYPE_CHECKING:
-    from trustmgr.engine import Workspace
+from trustmgr.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 
@@ -27,9 +26,7 @@ from trustmgr.pki import CACerts, ObservedCA, observe
 from trustmgr.providers import Provider, RootKeeper
 from trustmgr.spiffe import SpiffeBundle
 from trustmgr.state.model import State
-
-if TYPE_CHECKING:
-    from trustmgr.engine import Workspace
+from trustmgr.workspace import Workspace
 
 
 class Owner(StrEnum):

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from trustmgr.engine import Reading, Workspace
+from trustmgr.engine import Reading, Workspace, current_federation
 from trustmgr.federation import Federation
-from trustmgr.observe import Owner
+from trustmgr.observe import Owner, read_cluster, read_clusters
 from trustmgr.state.model import ClusterRecord
 
 
@@ -40,7 +40,7 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
     """What each target really holds, compared with what trustmgr last wrote there."""
     state = ws.store.load()
     now = ws.clock()
-    everything = ws.read_all(workers)
+    everything = read_clusters(ws, workers)
     rows = []
     for mesh_name, cluster, _ in ws.config.clusters():
         target = ws.targets[cluster]
@@ -102,8 +102,8 @@ def _drift(reading: Reading, record: ClusterRecord | None) -> str | None:
 
 def verify_all(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
     """Per cluster, every reason istiod or the policy would refuse its material."""
-    federation = ws.federation()
-    everything = ws.read_all(workers)
+    federation = current_federation(ws)
+    everything = read_clusters(ws, workers)
     return {
         cluster: verify_cluster(ws, cluster, federation, everything[cluster])
         for cluster in ws.targets
@@ -113,7 +113,7 @@ def verify_all(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
 def verify_cluster(
     ws: Workspace, cluster: str, federation: Federation, reading: Reading | None = None
 ) -> list[str]:
-    reading = reading or ws.read(cluster)
+    reading = reading or read_cluster(ws, cluster)
     if reading.error:
         return [reading.error]
     if reading.material is None or reading.ca is None:
