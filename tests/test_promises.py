@@ -144,15 +144,26 @@ def _done(workdir: Path) -> tuple[set[str], set[str], list[str]]:
 
 @pytest.mark.parametrize(
     "scenario",
-    ["first run", "new mesh with its own root, federated", "new cluster", "edited files"],
+    [
+        "first run",
+        "new mesh with its own root, federated",
+        "federation removed",
+        "new cluster",
+        "edited files",
+    ],
 )
 def test_plan_lists_exactly_what_bootstrap_changes_and_restarts(
     workdir: Path, scenario: str
 ) -> None:
     config = _config(workdir)
+    if scenario == "federation removed":
+        config.write_text(_with_new_federated_mesh(TWO_MESHES))
     if scenario != "first run":
         assert trustmgr("bootstrap").code == 0
-    if scenario == "new mesh with its own root, federated":
+    if scenario == "federation removed":
+        config.write_text(config.read_text().replace("  - meshes: [web, payments]\n", ""))
+        config.write_text(config.read_text().replace("federations:\n", ""))
+    elif scenario == "new mesh with its own root, federated":
         config.write_text(_with_new_federated_mesh(TWO_MESHES))
     elif scenario == "new cluster":
         config.write_text(TWO_MESHES + "      web-3: {directory: {path: out/web-3}}\n")
@@ -165,6 +176,9 @@ def test_plan_lists_exactly_what_bootstrap_changes_and_restarts(
     if scenario == "new mesh with its own root, federated":
         # the new root reaches web's clusters: web-1 (no multi-root) needs a restart
         assert promised == ({"web-1", "web-2", "pay-1"}, {"web-1"}, ["pay"])
+    if scenario == "federation removed":
+        # pay's root leaves every bundle; without multi-root that takes a restart
+        assert promised == ({"web-1", "web-2", "pay-1"}, {"web-1", "pay-1"}, [])
     assert _promised(workdir) == (set(), set(), [])
 
 
