@@ -27,15 +27,17 @@ from trustmgr.engine import (
     Report,
     Workspace,
     apply,
+    change_rotation,
     current_federation,
     make_plan,
     now_utc,
     rollback,
     spiffe_export,
+    start_rotation,
 )
 from trustmgr.errors import ConfigError, TargetError, TrustmgrError
 from trustmgr.federation import Finding, config_findings, mesh_config_fragment
-from trustmgr.planner import Action, Plan
+from trustmgr.planner import CANARY_FIRST, Action, Plan, affected_clusters
 from trustmgr.providers import ProviderError, ProviderNeedsFixError
 from trustmgr.status import cluster_status, verify_all
 
@@ -169,6 +171,18 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
             {"provider": p.provider, "createRoot": p.create_root, "fingerprint": p.fingerprint}
             for p in plan.providers
         ],
+        "rotations": [
+            {
+                "provider": r.provider,
+                "id": r.record.id,
+                "phase": str(r.record.phase),
+                "advancedFrom": str(r.advanced_from) if r.advanced_from else None,
+                "finished": r.finished,
+                "aborted": r.aborted,
+                "blocked": r.blocked or None,
+            }
+            for r in plan.rotations
+        ],
         "clusters": [
             {
                 "cluster": c.cluster,
@@ -226,6 +240,8 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool, workers: int, a
     else:
         for p in plan.providers:
             click.echo(f"provider {p.provider}: create root {p.fingerprint[:16]}…")
+        for line in _rotation_lines(plan):
+            click.echo(line)
         rows = [
             (
                 c.cluster,
@@ -247,6 +263,21 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool, workers: int, a
         sys.exit(EXIT_FAILED)  # a target that cannot be read: the plan is incomplete
     if detailed_exitcode and plan.pending:
         sys.exit(EXIT_CHANGES_PENDING)
+
+
+def _rotation_lines(plan: Plan) -> list[str]:
+    lines = []
+    for step in plan.rotations:
+        head = f"rotation {step.record.id} of provider {step.provider}:"
+        if step.finished:
+            lines.append(f"{head} old-removed converged; the new root becomes the current one")
+        elif step.aborted:
+            lines.append(f"{head} aborted; the rotation is dropped")
+        elif step.advanced_from is not None:
+            lines.append(f"{head} {step.advanced_from} -> {step.record.phase}")
+        else:
+            lines.append(f"{head} at {step.record.phase}; {step.blocked}")
+    return lines
 
 
 def _restart_note(ws: Workspace, cluster: str, needed: bool) -> str:
@@ -296,6 +327,8 @@ def _report_table(report: Report, ws: Workspace, *, verbose: bool) -> None:
     left unchanged), failures on stderr; then the counts, which cover all."""
     for provider in report.roots_created:
         click.echo(f"created root of provider {provider}")
+    for line in _rotation_lines(report.plan):
+        click.echo(line)
     for o in report.outcomes:
         istiod = f" (istiod {o.istiod})" if o.istiod and o.ok else ""
         if o.action is Action.NONE:
@@ -486,6 +519,119 @@ def verify(obj: Context, output: str) -> None:
                 click.echo(f"ok   {cluster}")
     if any(results.values()):
         sys.exit(EXIT_FAILED)
+
+
+@cli.group()
+def rotate() -> None:
+    """Root rotation: a new root brought to every cluster without an outage."""
+
+
+@rotate.command("start")
+@click.option("--provider", required=True, help="The provider whose root to renew.")
+@click.pass_obj
+def rotate_start(obj: Context, provider: str) -> None:
+    """Make the provider's new root and record the rotation; `reconcile` carries it out."""
+    with obj.workspace() as ws:
+        record = start_rotation(ws, provider)
+    click.echo(
+        f"rotation {record.id} of provider {provider}: prepared, new root "
+        f"{record.new_roots[0][:16]}…; `trustmgr plan` shows the next phase, "
+        "`trustmgr reconcile` carries it out"
+    )
+
+
+@rotate.command("status")
+@output_option
+@click.pass_obj
+def rotate_status(obj: Context, output: str) -> None:
+    """Per rotation: phase, per-cluster progress, what blocks the next phase."""
+    with obj.workspace() as ws:
+        plan = make_plan(ws)
+        config = ws.config
+    rows: list[dict[str, Any]] = []
+    for step in plan.rotations:
+        record = plan.rotations_before[step.provider]
+        affected = affected_clusters(config, step.provider)
+        clusters = [
+            {
+                "cluster": c.cluster,
+                "converged": not c.pending and c.reason != CANARY_FIRST,
+                "next": ""
+                if not c.pending and c.reason != CANARY_FIRST
+                else f"{c.action} ({c.reason})",
+            }
+            for c in plan.clusters
+            if c.cluster in affected
+        ]
+        rows.append(
+            {
+                "provider": step.provider,
+                "id": record.id,
+                "phase": str(record.phase),
+                "phaseSince": record.phase_at.isoformat(),
+                "held": record.held,
+                "aborting": record.aborting,
+                "oldRoots": list(record.old_roots),
+                "newRoots": list(record.new_roots),
+                "nextPhase": str(step.record.phase) if step.advanced_from else None,
+                "blocked": step.blocked or None,
+                "clusters": clusters,
+            }
+        )
+    if output == "json":
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no rotation in progress")
+    for row in rows:
+        done = sum(1 for c in row["clusters"] if c["converged"])
+        click.echo(
+            f"provider {row['provider']}: rotation {row['id']} at {row['phase']} since "
+            f"{row['phaseSince']}; {done} of {len(row['clusters'])} clusters converged"
+        )
+        if row["nextPhase"]:
+            click.echo(f"  next pass: {row['nextPhase']}")
+        if row["blocked"]:
+            click.echo(f"  blocked: {row['blocked']}")
+        for c in row["clusters"]:
+            if not c["converged"]:
+                click.echo(f"  {c['cluster']}: {c['next']}")
+
+
+def _rotation_change(obj: Context, provider: str, how: str) -> None:
+    with obj.workspace() as ws:
+        record = change_rotation(ws, provider, how)
+    then = {
+        "rollback": f"held at {record.phase}; `trustmgr reconcile` converges to it, "
+        f"`trustmgr rotate resume --provider {provider}` continues",
+        "abort": "`trustmgr reconcile` takes the new root out of every bundle, then drops the rotation",
+        "resume": "`trustmgr reconcile` continues",
+    }[how]
+    click.echo(f"rotation {record.id} of provider {provider}: {then}")
+
+
+@rotate.command("rollback")
+@click.option("--provider", required=True)
+@click.pass_obj
+def rotate_rollback(obj: Context, provider: str) -> None:
+    """Go back one phase (from trust-distributed or issuer-switched) and hold there."""
+    _rotation_change(obj, provider, "rollback")
+
+
+@rotate.command("abort")
+@click.option("--provider", required=True)
+@click.pass_obj
+def rotate_abort(obj: Context, provider: str) -> None:
+    """Before the issuer switch: put everything back as before the rotation."""
+    _rotation_change(obj, provider, "abort")
+
+
+@rotate.command("resume")
+@click.option("--provider", required=True)
+@click.pass_obj
+def rotate_resume(obj: Context, provider: str) -> None:
+    """Let a held rotation advance again."""
+    _rotation_change(obj, provider, "resume")
 
 
 @cli.group()

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 from trustmgr.errors import ConfigError
 from trustmgr.providers.config import ProviderConfig
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Duration, Model
+from trustmgr.schema import Duration, Model, NonNegativeDuration
 
 DEFAULT_CONFIG = "trustmgr.yaml"
 
@@ -167,8 +167,18 @@ class FederationConfig(Model):
     meshes: list[str] = Field(min_length=2)
 
 
+class RotationConfig(Model):
+    """How root rotations advance (DESIGN "Rotation")."""
+
+    soak: NonNegativeDuration = timedelta(hours=24)
+    """Time between issuer-switched converging and the old root's removal (0: none)."""
+    canary: int = Field(default=1, ge=0)
+    """Clusters of each rotating mesh switched to the new root before the rest."""
+
+
 class Config(Model):
     state_store: StateStoreConfig = StateStoreConfig()
+    rotation: RotationConfig = RotationConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     meshes: dict[str, MeshConfig] = Field(min_length=1)
     federations: list[FederationConfig] = []

@@ -47,9 +47,10 @@ from trustmgr.observe import (
 )
 from trustmgr.pki import ObservedCA, istiod_problems, observe
 from trustmgr.planner import Plan, Reload, change_reload, decide, federation_of
-from trustmgr.state.model import BundleRecord
+from trustmgr.providers import RootKeeper
+from trustmgr.state.model import BundleRecord, Phase, RotationRecord
 from trustmgr.targets.base import Rollbackable
-from trustmgr.workspace import Workspace
+from trustmgr.workspace import Workspace, authority
 
 __all__ = [
     "ClusterOutcome",
@@ -100,6 +101,89 @@ def apply(
             plan = decide(ws.config, observation, adopt=adopt)
             preflight(ws, plan)
         return execute(ws, plan, observation, workers=workers, stop=stop, progress=progress)
+
+
+def start_rotation(ws: Workspace, provider: str) -> RotationRecord:
+    """Make a new root for ``provider`` beside its current one and record the
+    rotation at phase prepared. Passes of ``reconcile`` carry it through."""
+    if provider not in ws.providers:
+        used = ", ".join(sorted(ws.providers)) or "none"
+        raise BadInputError(f"unknown provider {provider!r} (providers in use: {used})")
+    current = ws.providers[provider]
+    if not isinstance(current, RootKeeper):
+        kind = type(current).__name__.removesuffix("Provider")
+        raise BadInputError(
+            f"provider {provider} is of kind {kind}: trustmgr rotates self-signed roots; "
+            "rotate this provider's root where it lives"
+        )
+    with ws.store.lock():
+        state = ws.store.load()
+        if provider in state.rotations:
+            r = state.rotations[provider]
+            raise BadInputError(
+                f"provider {provider} is already rotating (rotation {r.id}, phase {r.phase}); "
+                "see `trustmgr rotate status`"
+            )
+        old = current.roots()
+        if not old:
+            raise BadInputError(
+                f"provider {provider} has no root yet: run `trustmgr bootstrap` first"
+            )
+        now = ws.clock()
+        generation = f"{now:%Y%m%d%H%M%S}"
+        incoming = authority(ws.config, ws.store, provider, generation, ws.clock)
+        assert isinstance(incoming, RootKeeper)
+        incoming.unlock()
+        incoming.prepare_root()
+        root = incoming.keep_prepared_root()
+        record = RotationRecord(
+            id=generation,
+            provider=provider,
+            phase=Phase.PREPARED,
+            generation=generation,
+            old_roots=tuple(fingerprint(r) for r in old),
+            new_roots=(fingerprint(root),),
+            started_at=now,
+            phase_at=now,
+        )
+        ws.store.save(replace(state, rotations={**state.rotations, provider: record}))
+    ws.incoming[provider] = incoming
+    return record
+
+
+def change_rotation(ws: Workspace, provider: str, how: str) -> RotationRecord:
+    """``rollback`` (one phase back, then held), ``abort`` (back to before the
+    rotation, then dropped) or ``resume`` (no longer held)."""
+    with ws.store.lock():
+        state = ws.store.load()
+        record = state.rotations.get(provider)
+        if record is None:
+            raise BadInputError(f"provider {provider} has no rotation in progress")
+        phase = record.phase
+        if how == "rollback":
+            if phase not in (Phase.TRUST_DISTRIBUTED, Phase.ISSUER_SWITCHED):
+                why = (
+                    "nothing has been distributed yet; `trustmgr rotate abort` drops the rotation"
+                    if phase is Phase.PREPARED
+                    else "the old root has left the bundles: finish the rotation, or start another"
+                )
+                raise BadInputError(f"rotation {record.id} is at {phase}: {why}")
+            changed = replace(
+                record, phase=phase.previous(), phase_at=ws.clock(), converged_at=None, held=True
+            )
+        elif how == "abort":
+            if phase not in (Phase.PREPARED, Phase.TRUST_DISTRIBUTED):
+                raise BadInputError(
+                    f"rotation {record.id} is at {phase}: cluster CAs are under the new root; "
+                    "`trustmgr rotate rollback` to trust-distributed first, then abort"
+                )
+            changed = replace(
+                record, phase=Phase.PREPARED, converged_at=None, held=False, aborting=True
+            )
+        else:
+            changed = replace(record, held=False)
+        ws.store.save(replace(state, rotations={**state.rotations, provider: changed}))
+    return changed
 
 
 def spiffe_export(

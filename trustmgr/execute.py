@@ -105,13 +105,14 @@ def preflight(ws: Workspace, plan: Plan) -> None:
         raise TargetError(
             problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
         )
-    unlocking = {p.provider for p in plan.providers if p.create_root} | {
-        c.desired.provider
+    unlocking = [ws.providers[p.provider] for p in plan.providers if p.create_root] + [
+        ws.incoming[c.desired.provider]
+        if c.desired.new_signer
+        else ws.providers[c.desired.provider]
         for c in plan.clusters
         if c.desired is not None and c.action in (Action.ISSUE, Action.RENEW)
-    }
-    for name in sorted(unlocking):
-        provider = ws.providers[name]
+    ]
+    for provider in {id(p): p for p in unlocking}.values():
         if isinstance(provider, RootKeeper):
             provider.unlock()
     ws.store.check_writable()
@@ -137,6 +138,7 @@ def execute(
             assert fingerprint(root) == p.fingerprint, "a kept root is the planned one"
             log.info("created the root of provider %s", p.provider)
             created.append(p.provider)
+    _record_rotations(ws, plan)
     results = _apply_all(ws, plan, observation, workers, stop, progress)
     state = ws.store.load()
     new_state = _with_imports(state, observation)
@@ -146,6 +148,35 @@ def execute(
     if new_state != state:
         ws.store.save(new_state)
     return Report(plan, tuple(o for o, _ in results), tuple(created), stop.is_set())
+
+
+def _record_rotations(ws: Workspace, plan: Plan) -> None:
+    """Save each rotation's phase before that phase's writes: a run stopped at
+    any point resumes the phase it had started."""
+    changes = plan.rotation_changes
+    if not changes:
+        return
+    state = ws.store.load()
+    rotations, generations = dict(state.rotations), dict(state.generations)
+    for step in changes:
+        if step.finished:
+            generations[step.provider] = step.record.generation
+            del rotations[step.provider]
+            log.info("rotation %s of provider %s: done", step.record.id, step.provider)
+        elif step.aborted:
+            del rotations[step.provider]
+            log.info("rotation %s of provider %s: aborted", step.record.id, step.provider)
+        else:
+            rotations[step.provider] = step.record
+            if step.advanced_from is not None:
+                log.info(
+                    "rotation %s of provider %s: %s -> %s",
+                    step.record.id,
+                    step.provider,
+                    step.advanced_from,
+                    step.record.phase,
+                )
+    ws.store.save(replace(state, rotations=rotations, generations=generations))
 
 
 def _apply_all(
@@ -318,7 +349,7 @@ def _material_for(
     request = cluster_ca_request(
         d.trust_domain, cluster=d.name, algorithm=d.key_algorithm, organization=inter.organization
     )
-    provider = ws.providers[d.provider]
+    provider = ws.incoming[d.provider] if d.new_signer else ws.providers[d.provider]
     answer = provider.sign_ca(request.csr, d.ttl)
     root = check_signed_ca(answer, request, d.trust_domain, provider=d.provider, now=ws.clock())
     return assemble(request, answer, root, d.bundle)

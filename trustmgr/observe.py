@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
@@ -84,6 +84,8 @@ class Observation:
     external: Mapping[str, SpiffeBundle]
     state: State
     taken_at: datetime
+    incoming: Mapping[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
+    """Per provider under rotation, the roots of the new authority."""
 
     def roots_of(self, provider: str) -> tuple[x509.Certificate, ...]:
         """The provider's roots once prepared roots are kept."""
@@ -157,4 +159,5 @@ def observe_all(
         external=external_bundles(ws),
         state=ws.store.load(),
         taken_at=ws.clock(),
+        incoming=provider_roots(ws.incoming),
     )

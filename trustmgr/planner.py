@@ -7,7 +7,7 @@ passes; the first that speaks decides (cert-manager's renewal policies)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -20,8 +20,9 @@ from trustmgr.federation import Federation, MeshRoots, order_bundle
 from trustmgr.observe import Observation, Owner, Reading
 from trustmgr.pki import ObservedCA
 from trustmgr.providers.keys import KeyAlgorithm
+from trustmgr.rotation import RotationStep, gate, root_sets
 from trustmgr.spiffe import SpiffeBundle
-from trustmgr.state.model import ClusterRecord
+from trustmgr.state.model import ClusterRecord, Phase, RotationRecord
 
 
 class Action(StrEnum):
@@ -67,6 +68,8 @@ class DesiredCluster:
     restart_istiod: bool = False
     adopt: bool = False
     """The operator allows replacing cacerts that trustmgr did not create."""
+    new_signer: bool = False
+    """A rotation has switched the mesh to the new root's authority."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +105,25 @@ class Plan:
     providers: tuple[ProviderPlan, ...]
     clusters: tuple[ClusterPlan, ...]
     generated_at: datetime = field(compare=False)
+    rotations: tuple[RotationStep, ...] = ()
+    rotations_before: Mapping[str, RotationRecord] = field(default_factory=dict, compare=False)
+
+    @property
+    def rotation_changes(self) -> tuple[RotationStep, ...]:
+        """Steps that change what the state records of their rotation."""
+        return tuple(
+            s
+            for s in self.rotations
+            if s.changes_state or s.record != self.rotations_before.get(s.provider)
+        )
 
     @property
     def pending(self) -> bool:
-        return any(p.create_root for p in self.providers) or any(c.pending for c in self.clusters)
+        return (
+            any(p.create_root for p in self.providers)
+            or any(c.pending for c in self.clusters)
+            or bool(self.rotation_changes)
+        )
 
 
 Verdict = tuple[Action, str, str] | None
@@ -433,10 +451,20 @@ def desired_cluster(
     )
 
 
-def decide(config: Config, observation: Observation, *, adopt: bool = False) -> Plan:
+CANARY_FIRST = "CanaryFirst"
+
+
+def decide(
+    config: Config, observation: Observation, *, adopt: bool = False, advance: bool = True
+) -> Plan:
     """The plan for ``observation``, at the time it was taken. Pure: raises
     BadInputError, before anything is written, for what no plan may do: merge two
-    meshes into one, accept a replayed bundle, or move clusters to another root."""
+    meshes into one, accept a replayed bundle, or move clusters to another root.
+
+    A rotation in progress changes what is wanted (:mod:`trustmgr.rotation`);
+    when every cluster it affects holds its phase's material, and its gate is
+    open, the plan moves it one phase on and wants that phase's material
+    (unless ``advance`` is False: what is wanted at the phase as recorded)."""
     now = observation.taken_at
     for mesh, bundle in observation.external.items():
         known = observation.state.imported.get(mesh)
@@ -445,25 +473,111 @@ def decide(config: Config, observation: Observation, *, adopt: bool = False) -> 
                 f"mesh {mesh}: the SPIFFE bundle's sequence went backwards ({bundle.sequence} < "
                 f"{known.sequence}); refusing a possibly replayed bundle"
             )
-    federation = federation_of(config, observation.roots_of, observation.external)
-    errors = [f.message for f in federation.findings() if f.level == "error"]
-    if errors:
-        raise BadInputError(errors[0])
     _refuse_root_swap(config, observation)
-    clusters = []
-    for mesh_name, cluster, _ in config.clusters():
-        reading = observation.clusters[cluster]
-        d = desired_cluster(config, cluster, mesh_name, federation, reading, adopt=adopt)
-        clusters.append(plan_cluster(d, reading, observation.state.clusters.get(cluster), now))
+    rotations = {p: r for p, r in observation.state.rotations.items() if p in observation.roots}
+    phases = {p: r.phase for p, r in rotations.items()}
+    clusters = _plan_clusters(config, observation, phases, adopt=adopt)
+    steps = []
+    for provider, record in sorted(rotations.items()):
+        affected = affected_clusters(config, provider)
+        pending = [
+            c.cluster
+            for c in clusters
+            if c.cluster in affected and (c.pending or c.reason == CANARY_FIRST)
+        ]
+        steps.append(
+            gate(record, converged=not pending, pending=pending, now=now, soak=config.rotation.soak)
+        )
+    if not advance:
+        steps = [replace(s, record=rotations[s.provider]) for s in steps if not s.changes_state] + [
+            RotationStep(s.provider, rotations[s.provider]) for s in steps if s.changes_state
+        ]
+    if any(step.advanced_from is not None for step in steps):
+        phases = {step.provider: step.record.phase for step in steps}
+        clusters = _plan_clusters(config, observation, phases, adopt=adopt)
     creates = tuple(
         ProviderPlan(name, True, fingerprint(root))
         for name, root in sorted(observation.prepared.items())
         if any(
-            c.desired is not None and c.desired.provider == name and c.action.writes
+            c.action.writes
+            and c.desired is not None
+            and c.desired.bundle is not None
+            and fingerprint(root) in c.desired.bundle.fingerprints
             for c in clusters
         )
     )
-    return Plan(creates, tuple(clusters), generated_at=now)
+    return Plan(
+        creates,
+        tuple(clusters),
+        generated_at=now,
+        rotations=tuple(s for s in steps),
+        rotations_before=dict(rotations),
+    )
+
+
+def affected_clusters(config: Config, provider: str) -> set[str]:
+    """Clusters of the meshes that use ``provider`` or federate with one that does."""
+    own = {m for m, mesh in config.meshes.items() if mesh.provider == provider}
+    meshes = own | {peer for m in own for peer in config.federated_with(m)}
+    return {c for m, c, _ in config.clusters() if m in meshes}
+
+
+def _plan_clusters(
+    config: Config, observation: Observation, phases: Mapping[str, Phase], *, adopt: bool
+) -> list[ClusterPlan]:
+    """Every cluster planned with each rotating provider at its phase in ``phases``."""
+    sets = {
+        p: root_sets(phase, observation.roots.get(p, ()), observation.incoming.get(p, ()))
+        for p, phase in phases.items()
+    }
+
+    def bundle_roots(provider: str) -> tuple[x509.Certificate, ...]:
+        return sets[provider].bundle if provider in sets else observation.roots_of(provider)
+
+    federation = federation_of(config, bundle_roots, observation.external)
+    errors = [f.message for f in federation.findings() if f.level == "error"]
+    if errors:
+        raise BadInputError(errors[0])
+    clusters = []
+    for mesh_name, cluster, _ in config.clusters():
+        reading = observation.clusters[cluster]
+        d = desired_cluster(config, cluster, mesh_name, federation, reading, adopt=adopt)
+        if d.provider in sets:
+            rs = sets[d.provider]
+            d = replace(
+                d, own_roots=tuple(fingerprint(r) for r in rs.signing), new_signer=rs.new_signer
+            )
+        clusters.append(
+            plan_cluster(d, reading, observation.state.clusters.get(cluster), observation.taken_at)
+        )
+    for provider, phase in phases.items():
+        if phase is Phase.ISSUER_SWITCHED:
+            clusters = _canaries_first(config, provider, clusters)
+    return clusters
+
+
+def _canaries_first(
+    config: Config, provider: str, clusters: list[ClusterPlan]
+) -> list[ClusterPlan]:
+    """Switch the canary clusters to the new root first; the others wait until
+    every canary holds its new CA."""
+    own = sorted(c for m, c, _ in config.clusters() if config.meshes[m].provider == provider)
+    canaries = own[: config.rotation.canary]
+    waiting = [c.cluster for c in clusters if c.cluster in canaries and c.pending]
+    if not waiting:
+        return clusters
+    held = []
+    for c in clusters:
+        if c.cluster in own and c.cluster not in canaries and c.reason == "IssuerChanged":
+            c = replace(
+                c,
+                action=Action.NONE,
+                reason=CANARY_FIRST,
+                message=f"switches to the new root once canaries {', '.join(waiting)} converged",
+                reload=Reload.HOT,
+            )
+        held.append(c)
+    return held
 
 
 def _refuse_root_swap(config: Config, observation: Observation) -> None:
@@ -476,7 +590,10 @@ def _refuse_root_swap(config: Config, observation: Observation) -> None:
         provider = config.meshes[mesh_name].provider or ""
         if reading.owner is not Owner.TRUSTMGR or reading.ca is None or not reading.ca.chain_root:
             continue
-        have = {fingerprint(r) for r in observation.roots.get(provider, ())}
+        have = {
+            fingerprint(r)
+            for r in (*observation.roots.get(provider, ()), *observation.incoming.get(provider, ()))
+        }
         if reading.ca.chain_root not in have:
             lost.setdefault((provider, reading.ca.chain_root), []).append(cluster)
     recorded_without_root = {

@@ -47,6 +47,14 @@ def _positive(value: timedelta) -> timedelta:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 
+def _zero_or_duration(value: object) -> timedelta:
+    return timedelta(0) if value in (0, "0") else parse_duration(value)
+
+
+NonNegativeDuration = Annotated[timedelta, BeforeValidator(_zero_or_duration)]
+"""A duration that may be zero, written ``0``, ``0s`` or like any duration."""
+
+
 class Model(BaseModel):
     """Strict, immutable, camelCase model: unknown keys are errors."""
 

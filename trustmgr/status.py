@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from trustmgr.engine import Reading, Workspace, current_federation
-from trustmgr.federation import Federation
-from trustmgr.observe import Owner, read_cluster, read_clusters
+from trustmgr.bundles import TrustBundle
+from trustmgr.engine import Reading, Workspace
+from trustmgr.observe import Owner, observe_all, read_clusters
+from trustmgr.planner import decide
 from trustmgr.state.model import ClusterRecord
 
 
@@ -101,19 +102,20 @@ def _drift(reading: Reading, record: ClusterRecord | None) -> str | None:
 
 
 def verify_all(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
-    """Per cluster, every reason istiod or the policy would refuse its material."""
-    federation = current_federation(ws)
-    everything = read_clusters(ws, workers)
+    """Per cluster, every reason istiod or the policy would refuse its material,
+    and any difference from the bundle it should hold now (during a rotation:
+    at the rotation's current phase)."""
+    observation = observe_all(ws, workers=workers)
+    plan = decide(ws.config, observation, advance=False)
     return {
-        cluster: verify_cluster(ws, cluster, federation, everything[cluster])
-        for cluster in ws.targets
+        c.cluster: verify_cluster(
+            observation.clusters[c.cluster], c.desired.bundle if c.desired else None
+        )
+        for c in plan.clusters
     }
 
 
-def verify_cluster(
-    ws: Workspace, cluster: str, federation: Federation, reading: Reading | None = None
-) -> list[str]:
-    reading = reading or read_cluster(ws, cluster)
+def verify_cluster(reading: Reading, bundle: TrustBundle | None) -> list[str]:
     if reading.error:
         return [reading.error]
     if reading.material is None or reading.ca is None:
@@ -122,7 +124,6 @@ def verify_cluster(
     problems = list(observed.problems)
     if reading.exposed is not None:
         problems.append(f"{reading.exposed}; `trustmgr reconcile` issues a CA with a new key")
-    bundle = federation.bundle(ws.meshes_of[cluster])
     if bundle is not None:
         missing = set(bundle.fingerprints) - set(observed.bundle)
         extra = set(observed.bundle) - set(bundle.fingerprints)

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import TracebackType
 
 from trustmgr.config import ClusterConfig, Config
-from trustmgr.providers import Clock, Provider
+from trustmgr.providers import BlobStore, Clock, Provider
 from trustmgr.state.file import FileStateStore
 from trustmgr.targets import Target
 from trustmgr.targets.directory import DirectoryTarget
@@ -40,6 +40,8 @@ class Workspace:
     providers: dict[str, Provider]
     targets: dict[str, Target]
     meshes_of: dict[str, str] = field(default_factory=dict)
+    incoming: dict[str, Provider] = field(default_factory=dict)
+    """Per provider under rotation, the authority of the new root."""
 
     @classmethod
     def build(
@@ -54,21 +56,28 @@ class Workspace:
         """``providers`` replaces the providers built from the configuration,
         by name: the seam for a provider whose remote side cannot run here."""
         store = store or FileStateStore(Path(config.state_store.file.path).expanduser())
+        state = store.load()
         given = providers or {}
         built = {
-            name: given.get(name) or build_provider(name, p, blobs=store.blobs(), clock=clock)
+            name: given.get(name)
+            or authority(config, store, name, state.generations.get(name, ""), clock)
             for name, p in config.providers.items()
             if any(m.provider == name for m in config.meshes.values())
         }
+        incoming = {
+            name: authority(config, store, name, r.generation, clock)
+            for name, r in state.rotations.items()
+            if name in built
+        }
         targets = {cluster: target_factory(cluster, c) for _, cluster, c in config.clusters()}
         meshes_of = {cluster: mesh for mesh, cluster, _ in config.clusters()}
-        return cls(config, clock, store, built, targets, meshes_of)
+        return cls(config, clock, store, built, targets, meshes_of, incoming)
 
     def close(self) -> None:
         """Release every target's and provider's connections."""
         for target in self.targets.values():
             target.close()
-        for provider in self.providers.values():
+        for provider in (*self.providers.values(), *self.incoming.values()):
             close = getattr(provider, "close", None)
             if callable(close):
                 close()
@@ -86,3 +95,27 @@ class Workspace:
 
     def cluster_config(self, cluster: str) -> ClusterConfig:
         return self.config.meshes[self.meshes_of[cluster]].clusters[cluster]
+
+
+def authority(
+    config: Config, store: FileStateStore, provider: str, generation: str, clock: Clock
+) -> Provider:
+    """Provider ``provider`` holding the root of ``generation``: a self-signed
+    provider keeps each generation's root apart ("" is the first)."""
+    blobs: BlobStore = store.blobs()
+    if generation:
+        blobs = _Prefixed(blobs, f"{provider}/generation-{generation}/")
+    return build_provider(provider, config.providers[provider], blobs=blobs, clock=clock)
+
+
+class _Prefixed:
+    """A BlobStore under a prefix of another."""
+
+    def __init__(self, blobs: BlobStore, prefix: str) -> None:
+        self._blobs, self._prefix = blobs, prefix
+
+    def load(self, name: str) -> bytes | None:
+        return self._blobs.load(self._prefix + name)
+
+    def save(self, name: str, data: bytes, *, secret: bool) -> None:
+        self._blobs.save(self._prefix + name, data, secret=secret)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from trustmgr.errors import StateError
@@ -55,6 +56,83 @@ class BundleRecord:
     fingerprints: tuple[str, ...]
 
 
+class Phase(StrEnum):
+    """The phases of a root rotation, in order (DESIGN "Rotation")."""
+
+    PREPARED = "prepared"
+    TRUST_DISTRIBUTED = "trust-distributed"
+    ISSUER_SWITCHED = "issuer-switched"
+    OLD_REMOVED = "old-removed"
+    DONE = "done"
+
+    @property
+    def order(self) -> int:
+        return list(Phase).index(self)
+
+    def next(self) -> Phase:
+        return list(Phase)[self.order + 1]
+
+    def previous(self) -> Phase:
+        return list(Phase)[self.order - 1]
+
+
+@dataclass(frozen=True)
+class RotationRecord:
+    """A root rotation of one provider, recorded before each phase's writes so a
+    stopped run resumes where it was.
+
+    ``generation`` names where the new root lives (a self-signed provider keeps
+    each generation's root apart); ``old_roots`` and ``new_roots`` are
+    fingerprints; ``converged_at`` is when a pass first saw every cluster hold
+    the phase's material (the soak counts from there)."""
+
+    id: str
+    provider: str
+    phase: Phase
+    generation: str
+    old_roots: tuple[str, ...]
+    new_roots: tuple[str, ...]
+    started_at: datetime
+    phase_at: datetime
+    converged_at: datetime | None = None
+    held: bool = False
+    """Rolled back: converge to this phase and stay until resumed."""
+    aborting: bool = False
+    """Aborted: converge back to prepared, then drop the rotation."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "held": self.held,
+            "aborting": self.aborting,
+            "id": self.id,
+            "provider": self.provider,
+            "phase": str(self.phase),
+            "generation": self.generation,
+            "oldRoots": list(self.old_roots),
+            "newRoots": list(self.new_roots),
+            "startedAt": self.started_at.isoformat(),
+            "phaseAt": self.phase_at.isoformat(),
+            "convergedAt": self.converged_at.isoformat() if self.converged_at else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RotationRecord:
+        converged = data.get("convergedAt")
+        return cls(
+            id=str(data["id"]),
+            provider=str(data["provider"]),
+            phase=Phase(data["phase"]),
+            generation=str(data["generation"]),
+            old_roots=tuple(map(str, data["oldRoots"])),
+            new_roots=tuple(map(str, data["newRoots"])),
+            started_at=datetime.fromisoformat(data["startedAt"]),
+            phase_at=datetime.fromisoformat(data["phaseAt"]),
+            converged_at=datetime.fromisoformat(converged) if converged else None,
+            held=bool(data.get("held", False)),
+            aborting=bool(data.get("aborting", False)),
+        )
+
+
 @dataclass(frozen=True)
 class State:
     """``version`` increases on every save; a save carrying a stale version is refused.
@@ -66,6 +144,10 @@ class State:
     clusters: dict[str, ClusterRecord] = field(default_factory=dict)
     exported: dict[str, BundleRecord] = field(default_factory=dict)
     imported: dict[str, BundleRecord] = field(default_factory=dict)
+    rotations: dict[str, RotationRecord] = field(default_factory=dict)
+    """The rotation in progress per provider."""
+    generations: dict[str, str] = field(default_factory=dict)
+    """Per self-signed provider, the generation whose root is current ("" the first)."""
 
     def with_cluster(self, name: str, record: ClusterRecord) -> State:
         return replace(self, clusters={**self.clusters, name: record})
@@ -83,6 +165,8 @@ class State:
             "clusters": {name: r.to_json() for name, r in sorted(self.clusters.items())},
             "exported": bundles(self.exported),
             "imported": bundles(self.imported),
+            "rotations": {k: r.to_json() for k, r in sorted(self.rotations.items())},
+            "generations": dict(sorted(self.generations.items())),
         }
 
     @classmethod
@@ -105,6 +189,11 @@ class State:
                 clusters={str(k): ClusterRecord.from_json(v) for k, v in data["clusters"].items()},
                 exported=bundles("exported"),
                 imported=bundles("imported"),
+                rotations={
+                    str(k): RotationRecord.from_json(v)
+                    for k, v in data.get("rotations", {}).items()
+                },
+                generations={str(k): str(v) for k, v in data.get("generations", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(
