@@ -37,7 +37,8 @@ from trustmgr.engine import (
 )
 from trustmgr.errors import ConfigError, TargetError, TrustmgrError
 from trustmgr.federation import Finding, config_findings, mesh_config_fragment
-from trustmgr.planner import CANARY_FIRST, Action, Plan, affected_clusters
+from trustmgr.observe import observe_all
+from trustmgr.planner import CANARY_FIRST, Action, Plan, affected_clusters, decide
 from trustmgr.providers import ProviderError, ProviderNeedsFixError
 from trustmgr.status import cluster_status, verify_all
 
@@ -546,11 +547,14 @@ def rotate_start(obj: Context, provider: str) -> None:
 def rotate_status(obj: Context, output: str) -> None:
     """Per rotation: phase, per-cluster progress, what blocks the next phase."""
     with obj.workspace() as ws:
-        plan = make_plan(ws)
+        observation = observe_all(ws)
+        plan = decide(ws.config, observation, advance=False)
+        ahead = {s.provider: s for s in decide(ws.config, observation).rotations}
         config = ws.config
     rows: list[dict[str, Any]] = []
     for step in plan.rotations:
         record = plan.rotations_before[step.provider]
+        step = ahead[step.provider]
         affected = affected_clusters(config, step.provider)
         clusters = [
             {

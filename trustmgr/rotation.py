@@ -93,7 +93,7 @@ def gate(
         return RotationStep(
             record.provider,
             replace(record, converged_at=None),
-            blocked=f"{record.phase}: waiting for {waiting} to converge",
+            blocked=f"waiting for {waiting} to converge",
         )
     seen = record.converged_at or now
     settled = replace(record, converged_at=seen)
@@ -102,7 +102,7 @@ def gate(
         return RotationStep(
             record.provider,
             settled,
-            blocked=f"held at {record.phase} after {how}: "
+            blocked=f"held after {how}: "
             f"`trustmgr rotate resume --provider {record.provider}` continues",
         )
     if record.aborting:
@@ -111,7 +111,7 @@ def gate(
         return RotationStep(
             record.provider,
             settled,
-            blocked=f"issuer-switched: soaking until {seen + soak:%Y-%m-%d %H:%M}Z",
+            blocked=f"soaking until {seen + soak:%Y-%m-%d %H:%M}Z",
         )
     if record.phase is Phase.OLD_REMOVED:
         return RotationStep(record.provider, replace(settled, phase=Phase.DONE), finished=True)
