@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from trustmgr.config import KubernetesTargetConfig
 from trustmgr.errors import TargetConflictError, TargetError
@@ -34,6 +35,8 @@ PREVIOUS_METADATA = "trustmgr.io/previous-metadata"
 SAVED_AT = "trustmgr.io/saved-at"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+SECRETS = "/api/v1/namespaces/{namespace}/secrets"
+DEPLOYMENTS = "/apis/apps/v1/namespaces/{namespace}/deployments"
 
 
 @dataclass(frozen=True)
@@ -166,13 +169,8 @@ class KubernetesTarget:
         body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
         request = Request("patch", "deployments", name, self.namespace)
         try:
-            self.api.call(
-                request,
-                self.api.apps().patch_namespaced_deployment,
-                name,
-                self.namespace,
-                body,
-                _content_type=STRATEGIC_MERGE,
+            self.api.send(
+                request, "PATCH", self._path(DEPLOYMENTS, name), body, content_type=STRATEGIC_MERGE
             )
         except NotFoundError:
             raise TargetError(
@@ -237,31 +235,27 @@ class KubernetesTarget:
             "data": data,
         }
 
+    def _path(self, collection: str, name: str | None = None) -> str:
+        path = collection.format(namespace=quote(self.namespace, safe=""))
+        return f"{path}/{quote(name, safe='')}" if name is not None else path
+
     def _get(self, name: str) -> _Secret | None:
         request = Request("get", "secrets", name, self.namespace)
         try:
-            model = self.api.call(
-                request, self.api.secrets().read_namespaced_secret, name, self.namespace
-            )
+            return _Secret.of(self.api.send(request, "GET", self._path(SECRETS, name)))
         except NotFoundError:
             return None
-        return _Secret.of(model)
 
     def _create(self, body: dict[str, Any]) -> _Secret:
         request = Request("create", "secrets", body["metadata"]["name"], self.namespace)
-        model = self.api.call(
-            request, self.api.secrets().create_namespaced_secret, self.namespace, body
-        )
-        return _Secret.of(model)
+        return _Secret.of(self.api.send(request, "POST", self._path(SECRETS), body))
 
     def _replace(self, body: dict[str, Any], current: _Secret) -> _Secret:
         name = body["metadata"]["name"]
         body["metadata"]["resourceVersion"] = current.resource_version
         request = Request("update", "secrets", name, self.namespace)
         try:
-            model = self.api.call(
-                request, self.api.secrets().replace_namespaced_secret, name, self.namespace, body
-            )
+            model = self.api.send(request, "PUT", self._path(SECRETS, name), body)
         except NotFoundError:
             raise TargetConflictError(
                 f"secret {self.namespace}/{name} was deleted since it was read"
