@@ -4,8 +4,9 @@ Write rules: an absent secret is created; trustmgr's own (labelled
 ``app.kubernetes.io/managed-by: trustmgr``) is replaced carrying the
 resourceVersion that was read, so a concurrent change answers 409 and the
 engine reads and plans again; a secret trustmgr did not create is replaced only
-when adopting. Before every replace the previous content is kept in a Secret
-next to it, ``<name>-trustmgr-previous``, which ``restore`` puts back.
+when adopting. Once a replace has landed, what it replaced is kept in a Secret
+next to it, ``<name>-trustmgr-previous``, which ``restore`` puts back: a write
+that fails leaves the kept copy as it was.
 A missing namespace is an error, never created here."""
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from urllib.parse import quote
 from trustmgr.config import KubernetesTargetConfig
 from trustmgr.errors import TargetConflictError, TargetError
 from trustmgr.pki import CACERTS_FILES, CACerts
-from trustmgr.targets.base import MANAGED_BY, MANAGED_BY_LABEL, Previous, secret_manifest
+from trustmgr.targets.base import (
+    DIGEST_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    Previous,
+    secret_manifest,
+)
 from trustmgr.targets.kubeapi import KubeApi, NotFoundError, Request
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,8 @@ BACKUP_SUFFIX = "-trustmgr-previous"
 PREVIOUS_METADATA = "trustmgr.io/previous-metadata"
 """On the backup: the labels and annotations the kept cacerts had, as JSON."""
 SAVED_AT = "trustmgr.io/saved-at"
+REPLACED_BY = "trustmgr.io/replaced-by"
+"""On the backup: the digest annotation of the cacerts written in the kept one's place."""
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 SECRETS = "/api/v1/namespaces/{namespace}/secrets"
@@ -118,14 +127,15 @@ class KubernetesTarget:
         )
         current = self._current
         if current is None:
-            self._current = self._create(body)
+            self._current = self._put(body, None)
             return
         if not current.managed and not adopt:
             raise TargetError(f"{self.foreign}; run with --adopt to replace it")
-        self._keep_previous(current)
+        backup = self._own_backup()
         body["type"] = current.type  # immutable: an adopted secret keeps its type
-        self._current = self._replace(body, current)
+        self._current = self._put(body, current)
         self.foreign = None
+        self._keep_previous(current, backup, self._current)
 
     def previous(self) -> Previous | None:
         self._backup = backup = self._get(self.backup_name)
@@ -133,6 +143,7 @@ class KubernetesTarget:
             return None
         if not backup.managed:
             raise TargetError(self._foreign_backup())
+        self._check_rollback_point(backup)
         labels, _ = self._previous_metadata(backup)
         return Previous(
             CACerts.from_files(backup.files()),
@@ -152,14 +163,9 @@ class KubernetesTarget:
             annotations=annotations,
             type_=current.type if current else "Opaque",
         )
-        if current is None:
-            self._current = self._create(body)
-            return
-        self._current = self._replace(body, current)
-        try:
-            self._keep_previous(current, backup)
-        except TargetError as exc:  # the rollback itself is done
-            log.warning("cluster %s: the replaced cacerts was not kept: %s", self.cluster, exc)
+        self._current = self._put(body, current)
+        if current is not None:
+            self._keep_previous(current, backup, self._current)
 
     def restart_istiod(self) -> None:
         """Patch the pod template's restartedAt annotation, as ``kubectl rollout
@@ -178,23 +184,65 @@ class KubernetesTarget:
                 "istiodDeployment to istiod's Deployment, or turn off restartIstiod"
             ) from None
 
-    def _keep_previous(self, current: _Secret, backup: _Secret | None = None) -> None:
-        """Save ``current`` into the backup Secret (read now unless given)."""
-        existing = backup or self._get(self.backup_name)
-        if existing is not None and not existing.managed:
+    def _own_backup(self) -> _Secret | None:
+        """The backup Secret, read before anything is written: one trustmgr did not
+        create is never replaced."""
+        backup = self._get(self.backup_name)
+        if backup is not None and not backup.managed:
             raise TargetError(self._foreign_backup())
-        metadata = {"labels": current.labels, "annotations": current.annotations}
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return backup
+
+    def _keep_previous(self, replaced: _Secret, backup: _Secret | None, written: _Secret) -> None:
+        """Keep ``replaced`` in the backup Secret, now that ``written`` took its place.
+
+        The write stands even if this fails: the kept copy is then older than what
+        was replaced, which its REPLACED_BY annotation shows to ``previous``."""
+        metadata = {"labels": replaced.labels, "annotations": replaced.annotations}
+        annotations = {
+            PREVIOUS_METADATA: json.dumps(metadata, sort_keys=True),
+            SAVED_AT: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        if DIGEST_ANNOTATION in written.annotations:
+            annotations[REPLACED_BY] = written.annotations[DIGEST_ANNOTATION]
         body = self._secret_body(
             self.backup_name,
-            current.data,
+            replaced.data,
             labels={MANAGED_BY_LABEL: MANAGED_BY},
-            annotations={PREVIOUS_METADATA: json.dumps(metadata, sort_keys=True), SAVED_AT: now},
+            annotations=annotations,
         )
-        if existing is None:
-            self._create(body)
-        else:
-            self._replace(body, existing)
+        try:
+            self._put(body, backup)
+        except TargetError as exc:
+            log.warning(
+                "cluster %s: %s was written, but the cacerts it replaced could not be kept "
+                "in %s for rollback: %s",
+                self.cluster,
+                self.name,
+                self.backup_name,
+                exc,
+            )
+
+    def _check_rollback_point(self, backup: _Secret) -> None:
+        """Refuse a kept copy that putting back would not undo the last write with."""
+        current = self._current
+        if current is None:
+            return
+        saved = backup.annotations.get(SAVED_AT) or "an unknown time"
+        where = f"secret {self.namespace}/{self.name}"
+        if current.data == backup.data:
+            raise TargetError(
+                f"cluster {self.cluster}: {where} already holds the cacerts kept in "
+                f"{self.backup_name} (saved at {saved}): there is nothing to roll back to"
+            )
+        replaced_by = backup.annotations.get(REPLACED_BY)
+        holds = current.annotations.get(DIGEST_ANNOTATION)
+        if replaced_by and holds and replaced_by != holds:
+            raise TargetError(
+                f"cluster {self.cluster}: the cacerts kept in {self.backup_name} (saved at "
+                f"{saved}) is older than the one the last write to {where} replaced, which "
+                "could not be kept; to put it back anyway, remove the backup's "
+                f"{REPLACED_BY} annotation and run rollback again"
+            )
 
     def _previous_metadata(self, backup: _Secret) -> tuple[dict[str, str], dict[str, str]]:
         """The labels and annotations the kept cacerts had."""
@@ -245,6 +293,10 @@ class KubernetesTarget:
             return _Secret.of(self.api.send(request, "GET", self._path(SECRETS, name)))
         except NotFoundError:
             return None
+
+    def _put(self, body: dict[str, Any], current: _Secret | None) -> _Secret:
+        """Create the Secret (``current`` None) or replace ``current`` with ``body``."""
+        return self._create(body) if current is None else self._replace(body, current)
 
     def _create(self, body: dict[str, Any]) -> _Secret:
         request = Request("create", "secrets", body["metadata"]["name"], self.namespace)
