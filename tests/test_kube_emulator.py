@@ -638,6 +638,16 @@ def test_lost_response_leaves_the_write_applied(core: Any, kube_emulator: KubeEm
     assert status_body(exc)["reason"] == "AlreadyExists"
 
 
+def test_late_answer_times_out_with_the_write_applied(kube_emulator: KubeEmulator) -> None:
+    kube_emulator.inject(Fault("POST", "/secrets$", answer_delay=5))
+    with (
+        closing(new_api_client(kube_emulator, retries=False)) as api_client,
+        pytest.raises(urllib3.exceptions.ReadTimeoutError),
+    ):
+        core_api(api_client).create_namespaced_secret(NS, secret(), _request_timeout=(0.2, 0.2))
+    assert kube_emulator.get_object("secrets", NS, "cacerts") is not None
+
+
 def test_dropped_get_is_retried_by_the_client(core: Any, kube_emulator: KubeEmulator) -> None:
     kube_emulator.inject(Fault("GET", drop=True))
     assert core.read_namespace(NS).metadata.name == NS

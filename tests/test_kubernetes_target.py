@@ -612,6 +612,39 @@ def test_transient_faults_are_retried(case: FaultCase, fleet: Callable[..., Flee
     assert "2 up to date" in ok(config, "bootstrap").out  # what was written is what is recorded
 
 
+LANDED: dict[str, tuple[str, Callable[[], Fault]]] = {
+    # the write, and a fault by which every try is applied or conflicts, unanswered
+    "create-lost": ("create", partial(Fault, "POST", "/secrets$", None, lose_response=True)),
+    "replace-lost": ("replace", partial(Fault, "PUT", "/cacerts$", None, lose_response=True)),
+    "replace-late": ("replace", partial(Fault, "PUT", "/cacerts$", None, answer_delay=2)),
+}
+
+
+@pytest.mark.parametrize("case", LANDED)
+def test_a_write_that_landed_without_an_answer_is_a_success(
+    case: str, fleet: Callable[..., Fleet]
+) -> None:
+    write, make_fault = LANDED[case]
+    fault = make_fault()
+    f = fleet("c0")
+    emulator = f.emulators["c0"]
+    config = f.configure()
+    if write == "replace":
+        ok(config, "bootstrap")
+        first = f.material("c0")
+        config = f.configure(key_algorithm="ECDSA_P384")
+    emulator.inject(fault)
+    assert "1 changed, 0 up to date, 0 failed" in ok(config, "bootstrap").out
+    assert fault.hits == 4  # every try went unanswered
+    f.assert_whole()
+    if write == "replace":
+        assert f.material("c0", BACKUP) == first
+    emulator.clear_faults()
+    f.reset_counters()
+    assert "0 changed, 1 up to date" in ok(config, "bootstrap").out
+    assert emulator.writes == 0
+
+
 def test_a_cluster_that_keeps_failing_is_reported_and_left_unchanged(
     fleet: Callable[..., Fleet],
 ) -> None:

@@ -6,7 +6,8 @@ resourceVersion that was read, so a concurrent change answers 409 and the
 engine reads and plans again; a secret trustmgr did not create is replaced only
 when adopting. Once a replace has landed, what it replaced is kept in a Secret
 next to it, ``<name>-trustmgr-previous``, which ``restore`` puts back: a write
-that fails leaves the kept copy as it was.
+that fails leaves the kept copy as it was. A write whose answer was lost (a
+timeout, a dropped connection, a 5xx) is read back before it is called failed.
 A missing namespace is an error, never created here."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from trustmgr.config import KubernetesTargetConfig
-from trustmgr.errors import TargetConflictError, TargetError
+from trustmgr.errors import TargetConflictError, TargetError, TransientTargetError
 from trustmgr.pki import CACERTS_FILES, CACerts
 from trustmgr.targets.base import (
     DIGEST_ANNOTATION,
@@ -295,8 +296,36 @@ class KubernetesTarget:
             return None
 
     def _put(self, body: dict[str, Any], current: _Secret | None) -> _Secret:
-        """Create the Secret (``current`` None) or replace ``current`` with ``body``."""
-        return self._create(body) if current is None else self._replace(body, current)
+        """Create the Secret (``current`` None) or replace ``current`` with ``body``.
+
+        A write whose answer never came (retries spent on timeouts, dropped
+        connections or 5xx) may have landed, and so may one whose retry conflicted
+        with it: the Secret is read back, and if it holds what was sent, the write
+        succeeded."""
+        try:
+            return self._create(body) if current is None else self._replace(body, current)
+        except (TransientTargetError, TargetConflictError) as exc:
+            landed = self._read_back(body)
+            if landed is None:
+                raise
+            log.info("cluster %s: %s; it landed all the same", self.cluster, exc)
+            return landed
+
+    def _read_back(self, body: dict[str, Any]) -> _Secret | None:
+        """The Secret if it holds exactly what ``body`` sent, else None."""
+        meta = body["metadata"]
+        try:
+            secret = self._get(meta["name"])
+        except TargetError:
+            return None
+        if (
+            secret is None
+            or secret.data != body["data"]
+            or secret.labels != meta["labels"]
+            or secret.annotations != meta["annotations"]
+        ):
+            return None
+        return secret
 
     def _create(self, body: dict[str, Any]) -> _Secret:
         request = Request("create", "secrets", body["metadata"]["name"], self.namespace)
