@@ -1,5 +1,6 @@
 """Kubeconfigs and their credentials, as the official client gets them from trustmgr:
-merged files, files named relative to each kubeconfig, and credential plugins."""
+merged files, files named relative to each kubeconfig, and credential plugins, whose
+output never reaches trustmgr's output."""
 
 # The fixtures are imported, so this module runs without conftest wiring; pytest injects them as
 # parameters of the same names, which pyflakes would call unused imports and redefinitions.
@@ -112,3 +113,43 @@ def test_a_credential_plugin_named_relative_to_the_kubeconfig_signs_in(
     use_plugin(f.workdir / "kubeconfig", "c0", "./bin/get-token")
     ok(config, "bootstrap")
     assert f.secret("c0") is not None
+
+
+# --- plugin output stays out of every message -------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [(), ("-v",), ("-vv", "--debug")], ids=["default", "-v", "-vv"])
+def test_a_failing_credential_plugin_is_named_without_its_output(
+    flags: tuple[str, ...], fleet: Callable[..., Fleet]
+) -> None:
+    f = fleet("c0", "c1", token="s3cret-token")
+    config = f.configure()
+    plugin = write_plugin(
+        f.workdir / "get-token",
+        f'echo "error: token {FAKE_TOKEN} was revoked" >&2\necho "{FAKE_TOKEN}"\nexit 1\n',
+    )
+    use_plugin(f.workdir / "kubeconfig", "c0", str(plugin))
+    use_plugin(f.workdir / "kubeconfig", "c1", "/bin/true")  # a plugin answering nothing
+
+    result = cli(config, *flags)
+    assert result.returncode == 1
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+    assert (
+        f"failed        c0: context c0: the kubeconfig's credential plugin {plugin} exited "
+        "with status 1; run it by hand to see why"
+    ) in result.stderr
+    assert (
+        "failed        c1: context c1: the kubeconfig's credential plugin /bin/true printed "
+        "no ExecCredential JSON; run it by hand to see why"
+    ) in result.stderr
+    assert f.emulators["c0"].count() == 0  # nothing is sent without credentials
+
+
+def test_a_failing_credential_plugin_in_process_output(fleet: Callable[..., Fleet]) -> None:
+    f = fleet("c0", token="s3cret-token")
+    config = f.configure()
+    plugin = write_plugin(f.workdir / "get-token", f'echo "{FAKE_TOKEN}" >&2\nexit 3\n')
+    use_plugin(f.workdir / "kubeconfig", "c0", str(plugin))
+    planned = run(config, "plan")
+    assert FAKE_TOKEN not in planned.out + planned.err
+    assert f"credential plugin {plugin} exited with status 3" in planned.out + planned.err

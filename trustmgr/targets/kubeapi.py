@@ -25,7 +25,8 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ import urllib3
 import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config import ConfigException
+from kubernetes.config import ConfigException, kube_config
 from tenacity import RetryCallState, Retrying, retry_if_exception
 from tenacity.stop import stop_after_attempt, stop_before_delay
 
@@ -129,6 +130,12 @@ class Kubeconfig:
             value[section] = [entry] if entry else []
         return copy.deepcopy(value)
 
+    def plugin(self, context: str) -> str | None:
+        """The command of the credential plugin ``context``'s user runs, if any."""
+        user = (self._referenced(context, "users") or {}).get("user")
+        exec_ = user.get("exec") if isinstance(user, dict) else None
+        return str(exec_.get("command")) if isinstance(exec_, dict) else None
+
     def _referenced(self, context: str, section: str) -> dict[str, Any] | None:
         refs = self.entries["contexts"][context].get("context")
         name = refs.get(section[:-1]) if isinstance(refs, dict) else None
@@ -210,6 +217,55 @@ def _absolute(section: str, entry: dict[str, Any], base: Path) -> dict[str, Any]
     return {**entry, key: inner}
 
 
+class _PluginLog(logging.Filter):
+    """Keeps the kubernetes client's kubeconfig log records off every handler.
+
+    The client runs a kubeconfig's credential plugin while loading the context (and
+    again when its token expires); when the plugin fails it logs the plugin's stderr,
+    which can hold a token, with ``logging.error`` on the root logger and goes on
+    without credentials. Installed on the root logger, this filter sees exactly those
+    calls; :meth:`watch` collects what failed, as safe words, for the thread inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._source = os.path.normcase(kube_config.__file__)
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.path.normcase(record.pathname) != self._source:
+            return True
+        failures: list[str] | None = getattr(self._local, "failures", None)
+        if failures is not None:
+            failures.append(_plugin_failure(record.getMessage()))
+        return False
+
+    @contextmanager
+    def watch(self) -> Iterator[list[str]]:
+        outer = getattr(self._local, "failures", None)
+        failures: list[str] = []
+        self._local.failures = failures
+        try:
+            yield failures
+        finally:
+            self._local.failures = outer
+            if outer is not None:
+                outer.extend(failures)
+
+
+def _plugin_failure(message: str) -> str:
+    """What a credential plugin's failure was, without anything it printed."""
+    exited = re.match(r"(?:exec|cmd-path): process returned (-?\d+)", message)
+    if exited:
+        return f"exited with status {exited.group(1)}"
+    if "decode process output" in message:
+        return "printed no ExecCredential JSON"
+    return "returned no usable credentials"
+
+
+_PLUGIN_LOG = _PluginLog()
+logging.getLogger().addFilter(_PLUGIN_LOG)
+
+
 class KubeApi:
     """One cluster's API client, built on first use; close it when done."""
 
@@ -220,6 +276,7 @@ class KubeApi:
         self._sleep = sleep
         self._timeout = cfg.request_timeout.total_seconds()
         self._client: Any = None
+        self._plugin: str | None = None
         self._spec = cfg.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         if cfg.in_cluster:
             self.where = "the in-cluster service account"
@@ -246,14 +303,17 @@ class KubeApi:
     def _configuration(self) -> Any:
         configuration = client.Configuration()
         try:
-            if self.cfg.in_cluster:
-                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            else:
-                self._load_context(configuration)
+            with _PLUGIN_LOG.watch() as failures:
+                if self.cfg.in_cluster:
+                    config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                else:
+                    self._load_context(configuration)
         except ConfigException as exc:
-            raise TargetError(f"{self.where}: {scrub(str(exc))}") from None
+            raise TargetError(f"{self.where}: {self._config_error(str(exc))}") from None
         except TargetError as exc:
             raise TargetError(f"{self.where}: {exc}") from None
+        if failures:
+            raise TargetError(self._plugin_failed(failures[0]))
         configuration.retries = False  # the retry policy is call()'s
         return configuration
 
@@ -268,12 +328,30 @@ class KubeApi:
             raise TargetError(
                 f"kubeconfig {self._spec} has no context {wanted} (it has: {known or 'none'})"
             )
+        self._plugin = loaded.plugin(wanted)
         config.load_kube_config_from_dict(  # type: ignore[no-untyped-call]
             loaded.only(wanted),
             context=wanted,
             client_configuration=configuration,
             persist_config=False,
         )
+
+    def _plugin_failed(self, failure: str) -> str:
+        return (
+            f"{self.where}: the kubeconfig's credential plugin {self._plugin or '(exec)'} "
+            f"{failure}; run it by hand to see why"
+        )
+
+    def _config_error(self, message: str) -> str:
+        """A ConfigException's message, one line, without a plugin's output (the
+        client puts a failed auth-provider command's stderr in it)."""
+        exited = re.match(r"cmd-path: process returned (-?\d+)\nCmd: (\S*)", message)
+        if exited:
+            return (
+                f"the kubeconfig's auth-provider command {exited.group(2)} exited with status "
+                f"{exited.group(1)}; run it by hand to see why"
+            )
+        return scrub(message.splitlines()[0] if message else "invalid kubeconfig")
 
     def send(
         self,
@@ -336,11 +414,17 @@ class KubeApi:
             sleep=self._sleep,
             reraise=True,
         )
-        try:
-            return retrying(fn, *args, _request_timeout=(self._timeout, self._timeout), **kwargs)
-        except (ApiException, urllib3.exceptions.HTTPError) as exc:
-            tries = int(retrying.statistics.get("attempt_number", 1))
-            raise self._translate(exc, request, tries) from None
+        # An expired token makes the client run the credential plugin again.
+        with _PLUGIN_LOG.watch() as failures:
+            try:
+                return retrying(
+                    fn, *args, _request_timeout=(self._timeout, self._timeout), **kwargs
+                )
+            except (ApiException, urllib3.exceptions.HTTPError) as exc:
+                if failures:
+                    raise TargetError(self._plugin_failed(failures[0])) from None
+                tries = int(retrying.statistics.get("attempt_number", 1))
+                raise self._translate(exc, request, tries) from None
 
     def _translate(self, exc: Exception, request: Request, tries: int) -> TargetError:
         after = f" (after {tries} tries)" if tries > 1 else ""
