@@ -19,7 +19,7 @@ it unmodified:
   real ``.status`` and ``.body``.
 * Bearer-token authentication, an RBAC-like allow/deny rule set (:meth:`KubeEmulator.deny`,
   :meth:`KubeEmulator.allow`), per-verb request counters (:attr:`KubeEmulator.requests`) and
-  fault injection (:class:`Fault`): error statuses, delays, dropped connections and hooks that
+  fault injection (:class:`Fault`): error statuses, delays, dropped or late answers and hooks that
   run between requests.
 
 Not emulated: watch, server-side apply, subresources (status, scale), finalizers and graceful
@@ -275,7 +275,9 @@ class Fault:
     close the connection without answering (``drop``), answer ``status`` with a Status body
     (plus ``Retry-After`` when ``retry_after`` is set), or serve the request normally.  With
     ``lose_response`` the request is served (a write is applied) but the connection is closed
-    instead of answering, as when a network fails after the apiserver committed.
+    instead of answering, as when a network fails after the apiserver committed; with
+    ``answer_delay`` it is served, then answered that many seconds later, as when an apiserver
+    commits a write and answers after the client gave up waiting.
     ``hits`` counts the requests it has matched.
     """
 
@@ -286,6 +288,7 @@ class Fault:
     delay: float = 0.0
     drop: bool = False
     lose_response: bool = False
+    answer_delay: float = 0.0
     hook: Callable[[], object] | None = None
     retry_after: int | None = None
     message: str = "injected fault"
@@ -1111,6 +1114,8 @@ class KubeEmulator:
             code, body = 500, ApiError(500, f"kube emulator error: {exc!r}").status()
         if fault.lose_response:
             return None
+        if fault.answer_delay:
+            await asyncio.sleep(fault.answer_delay)
         record.status = code
         return _http_response(code, body, headers, close=close)
 

@@ -10,6 +10,7 @@ import base64
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
@@ -394,16 +395,34 @@ def test_field_selector_pagination_and_other_namespaces(core: Any) -> None:
 # --- patch and delete ------------------------------------------------------------------------
 
 
-def test_patch_content_types(core: Any) -> None:
+def patch(emulator: KubeEmulator, name: str, body: Any, content_type: str) -> tuple[int, Any]:
+    """PATCH secret ``name`` with the given content type: (status, JSON answer).
+    The client picks the content type of a patch itself before kubernetes 37."""
+    request = urllib.request.Request(
+        f"{emulator.url}/api/v1/namespaces/{NS}/secrets/{name}",
+        data=json.dumps(body).encode(),
+        method="PATCH",
+        headers={"Content-Type": content_type},
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def test_patch_content_types(core: Any, kube_emulator: KubeEmulator) -> None:
     core.create_namespaced_secret(NS, secret(ca_crt="ca", key_pem="key"))
     # A dict body goes out as strategic merge patch: keys merge.
     merged = core.patch_namespaced_secret("cacerts", NS, {"data": {"extra": b64("x")}})
     assert set(merged.data) == {"ca-crt", "key-pem", "extra"}
     # JSON merge patch: null deletes a key.
-    removed = core.patch_namespaced_secret(
-        "cacerts", NS, {"data": {"extra": None}}, _content_type="application/merge-patch+json"
+    code, removed = patch(
+        kube_emulator, "cacerts", {"data": {"extra": None}}, "application/merge-patch+json"
     )
-    assert set(removed.data) == {"ca-crt", "key-pem"}
+    assert code == 200
+    assert set(removed["data"]) == {"ca-crt", "key-pem"}
     # A list body goes out as JSON patch.
     ops = [{"op": "replace", "path": "/data/ca-crt", "value": b64("ca2")}]
     replaced = core.patch_namespaced_secret("cacerts", NS, ops)
@@ -426,13 +445,10 @@ def test_patch_with_stale_resource_version_is_409_and_missing_is_404(core: Any) 
     assert exc.value.status == 404
 
 
-def test_server_side_apply_is_not_emulated(core: Any) -> None:
+def test_server_side_apply_is_not_emulated(core: Any, kube_emulator: KubeEmulator) -> None:
     core.create_namespaced_secret(NS, secret())
-    with pytest.raises(ApiException) as exc:
-        core.patch_namespaced_secret(
-            "cacerts", NS, secret(), field_manager="t", _content_type="application/apply-patch+yaml"
-        )
-    assert exc.value.status == 415
+    code, _ = patch(kube_emulator, "cacerts", secret(), "application/apply-patch+yaml")
+    assert code == 415
 
 
 def test_delete_with_preconditions(core: Any, kube_emulator: KubeEmulator) -> None:
@@ -441,7 +457,7 @@ def test_delete_with_preconditions(core: Any, kube_emulator: KubeEmulator) -> No
     with pytest.raises(ApiException) as exc:
         core.delete_namespaced_secret("cacerts", NS, body=stale)
     assert exc.value.status == 409
-    status = core.delete_namespaced_secret("cacerts", NS)  # typed "object" by the client: a dict
+    status = json.loads(core.delete_namespaced_secret("cacerts", NS, _preload_content=False).data)
     assert status["status"] == "Success"
     assert status["details"] == {"name": "cacerts", "kind": "secrets", "uid": created.metadata.uid}
     assert kube_emulator.get_object("secrets", NS, "cacerts") is None
@@ -452,7 +468,8 @@ def test_delete_with_preconditions(core: Any, kube_emulator: KubeEmulator) -> No
 
 def test_deleting_a_namespace_removes_its_objects(core: Any, kube_emulator: KubeEmulator) -> None:
     core.create_namespaced_secret(NS, secret())
-    assert core.delete_namespace(NS)["status"] == {"phase": "Terminating"}
+    deleted = json.loads(core.delete_namespace(NS, _preload_content=False).data)
+    assert deleted["status"] == {"phase": "Terminating"}
     assert kube_emulator.list_objects("secrets") == []
     with pytest.raises(ApiException) as exc:
         core.read_namespace(NS)
@@ -589,7 +606,7 @@ def test_delay_beyond_request_timeout_times_out(kube_emulator: KubeEmulator) -> 
     with closing(new_api_client(kube_emulator, retries=False)) as api_client:
         core = core_api(api_client)
         with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-            core.read_namespaced_secret("cacerts", NS, _request_timeout=0.2)
+            core.read_namespaced_secret("cacerts", NS, _request_timeout=(0.2, 0.2))
         assert core.read_namespaced_secret("cacerts", NS).metadata.name == "cacerts"
     began = time.monotonic()
     kube_emulator.stop()  # cancels the request still sleeping on the server
@@ -599,7 +616,7 @@ def test_delay_beyond_request_timeout_times_out(kube_emulator: KubeEmulator) -> 
 def test_client_retries_a_timed_out_get_by_default(core: Any, kube_emulator: KubeEmulator) -> None:
     kube_emulator.put_object(secret())
     kube_emulator.inject(Fault("GET", "/secrets/", delay=30))
-    assert core.read_namespaced_secret("cacerts", NS, _request_timeout=0.2).metadata.name
+    assert core.read_namespaced_secret("cacerts", NS, _request_timeout=(0.2, 0.2)).metadata.name
     assert kube_emulator.count("get") == 2  # urllib3's default Retry resent the GET
 
 
@@ -619,6 +636,16 @@ def test_lost_response_leaves_the_write_applied(core: Any, kube_emulator: KubeEm
     with pytest.raises(ApiException) as exc:
         core.create_namespaced_secret(NS, secret())
     assert status_body(exc)["reason"] == "AlreadyExists"
+
+
+def test_late_answer_times_out_with_the_write_applied(kube_emulator: KubeEmulator) -> None:
+    kube_emulator.inject(Fault("POST", "/secrets$", answer_delay=5))
+    with (
+        closing(new_api_client(kube_emulator, retries=False)) as api_client,
+        pytest.raises(urllib3.exceptions.ReadTimeoutError),
+    ):
+        core_api(api_client).create_namespaced_secret(NS, secret(), _request_timeout=(0.2, 0.2))
+    assert kube_emulator.get_object("secrets", NS, "cacerts") is not None
 
 
 def test_dropped_get_is_retried_by_the_client(core: Any, kube_emulator: KubeEmulator) -> None:

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +366,76 @@ def test_rollback_refuses_a_previous_cacerts_whose_key_does_not_match(
     assert f.secret("c0") == current
 
 
+def two_writes(f: Fleet) -> tuple[Path, CACerts, CACerts]:
+    """Bootstrap c0, then replace its CA: (config, first CA, second CA), the first kept."""
+    ok(f.configure(), "bootstrap")
+    first = f.material("c0")
+    config = f.configure(key_algorithm="ECDSA_P384")
+    ok(config, "bootstrap")
+    assert f.material("c0", BACKUP) == first
+    return config, first, f.material("c0")
+
+
+def test_a_failed_write_keeps_the_rollback_point(fleet: Callable[..., Fleet]) -> None:
+    f = fleet("c0")
+    _, first, second = two_writes(f)
+    f.emulators["c0"].inject(Fault("PUT", r"/secrets/cacerts$", status=500, times=None))
+    config = f.configure(key_algorithm="ECDSA_P256")
+    assert run(config, "bootstrap").code == 1
+    assert f.material("c0") == second
+    assert f.material("c0", BACKUP) == first  # not moved: nothing replaced the second CA
+
+    f.emulators["c0"].clear_faults()
+    assert "rolled back c0" in ok(config, "rollback", "--cluster", "c0").out
+    assert f.material("c0") == first
+    assert f.material("c0", BACKUP) == second
+
+
+def test_rollback_says_so_when_the_cluster_already_holds_the_kept_cacerts(
+    fleet: Callable[..., Fleet], caplog: pytest.LogCaptureFixture
+) -> None:
+    f = fleet("c0")
+    config, first, _ = two_writes(f)
+    # A rollback that puts the first CA back but cannot keep the one it replaced: the
+    # kept copy and the cluster then hold the same, as after a crash between the two.
+    f.emulators["c0"].inject(Fault("PUT", f"/secrets/{BACKUP}$", status=500, times=None))
+    ok(config, "rollback", "--cluster", "c0")
+    assert "the cacerts it replaced could not be kept" in caplog.text
+    assert f.material("c0") == f.material("c0", BACKUP) == first
+    f.emulators["c0"].clear_faults()
+    before = f.secret("c0")
+
+    result = run(config, "rollback", "--cluster", "c0")
+    assert result.code == 1
+    saved = f.secret("c0", BACKUP)["metadata"]["annotations"]["trustmgr.io/saved-at"]  # type: ignore[index]
+    assert result.err.strip() == (
+        "trustmgr: cluster c0: secret istio-system/cacerts already holds the cacerts kept in "
+        f"{BACKUP} (saved at {saved}): there is nothing to roll back to"
+    )
+    assert f.secret("c0") == before
+
+
+def test_rollback_refuses_a_kept_cacerts_older_than_the_last_one_replaced(
+    fleet: Callable[..., Fleet],
+) -> None:
+    f = fleet("c0")
+    _, first, _ = two_writes(f)
+    # The third CA is written but the second, which it replaced, cannot be kept.
+    f.emulators["c0"].inject(Fault("PUT", f"/secrets/{BACKUP}$", status=500, times=None))
+    config = f.configure(key_algorithm="ECDSA_P256")
+    assert "1 changed" in ok(config, "bootstrap").out  # the write stands, and is recorded
+    third = f.material("c0")
+    assert f.material("c0", BACKUP) == first
+    f.emulators["c0"].clear_faults()
+
+    result = run(config, "rollback", "--cluster", "c0")
+    assert result.code == 1
+    assert "is older than the one the last write to secret istio-system/cacerts replaced" in (
+        result.err
+    )
+    assert f.material("c0") == third
+
+
 def test_rollback_without_a_previous_cacerts_says_so(fleet: Callable[..., Fleet]) -> None:
     f = fleet("c0")
     config = f.configure()
@@ -539,6 +610,39 @@ def test_transient_faults_are_retried(case: FaultCase, fleet: Callable[..., Flee
     f.assert_whole()
     f.reset_counters()
     assert "2 up to date" in ok(config, "bootstrap").out  # what was written is what is recorded
+
+
+LANDED: dict[str, tuple[str, Callable[[], Fault]]] = {
+    # the write, and a fault by which every try is applied or conflicts, unanswered
+    "create-lost": ("create", partial(Fault, "POST", "/secrets$", None, lose_response=True)),
+    "replace-lost": ("replace", partial(Fault, "PUT", "/cacerts$", None, lose_response=True)),
+    "replace-late": ("replace", partial(Fault, "PUT", "/cacerts$", None, answer_delay=2)),
+}
+
+
+@pytest.mark.parametrize("case", LANDED)
+def test_a_write_that_landed_without_an_answer_is_a_success(
+    case: str, fleet: Callable[..., Fleet]
+) -> None:
+    write, make_fault = LANDED[case]
+    fault = make_fault()
+    f = fleet("c0")
+    emulator = f.emulators["c0"]
+    config = f.configure()
+    if write == "replace":
+        ok(config, "bootstrap")
+        first = f.material("c0")
+        config = f.configure(key_algorithm="ECDSA_P384")
+    emulator.inject(fault)
+    assert "1 changed, 0 up to date, 0 failed" in ok(config, "bootstrap").out
+    assert fault.hits == 4  # every try went unanswered
+    f.assert_whole()
+    if write == "replace":
+        assert f.material("c0", BACKUP) == first
+    emulator.clear_faults()
+    f.reset_counters()
+    assert "0 changed, 1 up to date" in ok(config, "bootstrap").out
+    assert emulator.writes == 0
 
 
 def test_a_cluster_that_keeps_failing_is_reported_and_left_unchanged(

@@ -17,6 +17,7 @@ scrubbed Status message are used, and exceptions are raised ``from None``."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,8 +35,7 @@ import urllib3
 import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
-from kubernetes.config.kube_config import ConfigNode, KubeConfigMerger
+from kubernetes.config import ConfigException, kube_config
 from tenacity import RetryCallState, Retrying, retry_if_exception
 from tenacity.stop import stop_after_attempt, stop_before_delay
 
@@ -104,37 +105,41 @@ def backoff(state: RetryCallState) -> float:
     return random.uniform(0, ceiling)  # noqa: S311 -- jitter, not a secret
 
 
+_PATHS = {
+    "clusters": ("cluster", ("certificate-authority",)),
+    "users": ("user", ("client-certificate", "client-key", "tokenFile")),
+}
+
+
 @dataclass(frozen=True)
 class Kubeconfig:
-    """A parsed kubeconfig, its entries indexed by name."""
+    """A parsed kubeconfig, its entries indexed by name, file paths in them absolute."""
 
     spec: str
-    node: Any
-    entries: dict[str, dict[str, Any]]
+    current_context: str | None
+    entries: dict[str, dict[str, dict[str, Any]]]
 
-    @property
-    def current_context(self) -> str | None:
-        current = self.node.safe_get("current-context")
-        return str(current) if current else None
-
-    def only(self, context: str) -> Any:
+    def only(self, context: str) -> dict[str, Any]:
         """A kubeconfig holding just ``context``, its cluster and its user: loading one
         context from a file of hundreds otherwise scans every list for every name.
-        Entries keep the path of their file, for certificate files named relative to it."""
-        ctx = self.entries["contexts"][context]
-        refs = _field(ctx, "context") or {}
-        value: dict[str, Any] = {"current-context": context, "contexts": [ctx]}
-        for section, key in (("clusters", "cluster"), ("users", "user")):
-            name = _field(refs, key)
-            value[section] = [self.entries[section][name]] if name in self.entries[section] else []
-        return ConfigNode(self.node.name, value, self.node.path)  # type: ignore[no-untyped-call]
+        A copy: the client may write refreshed credentials into what it is given."""
+        value: dict[str, Any] = {"current-context": context}
+        value["contexts"] = [self.entries["contexts"][context]]
+        for section in ("clusters", "users"):
+            entry = self._referenced(context, section)
+            value[section] = [entry] if entry else []
+        return copy.deepcopy(value)
 
+    def plugin(self, context: str) -> str | None:
+        """The command of the credential plugin ``context``'s user runs, if any."""
+        user = (self._referenced(context, "users") or {}).get("user")
+        exec_ = user.get("exec") if isinstance(user, dict) else None
+        return str(exec_.get("command")) if isinstance(exec_, dict) else None
 
-def _field(entry: Any, key: str) -> Any:
-    """A key of a kubeconfig entry: a dict, or a ConfigNode when merged from files."""
-    if isinstance(entry, ConfigNode):
-        return entry.safe_get(key)  # type: ignore[no-untyped-call]
-    return entry.get(key)
+    def _referenced(self, context: str, section: str) -> dict[str, Any] | None:
+        refs = self.entries["contexts"][context].get("context")
+        name = refs.get(section[:-1]) if isinstance(refs, dict) else None
+        return self.entries[section].get(str(name)) if name is not None else None
 
 
 _kubeconfigs: dict[tuple[str, tuple[int, ...]], Kubeconfig] = {}
@@ -142,8 +147,9 @@ _kubeconfigs_lock = threading.Lock()
 
 
 def kubeconfig(spec: str) -> Kubeconfig:
-    """The kubeconfig ``spec`` names (a path, or a ``:`` list merged as kubectl does),
-    parsed once while its files are unchanged: 200 clusters in one file cost one parse."""
+    """The kubeconfig ``spec`` names (a path, or a ``:`` list merged as kubectl does:
+    the first entry of each name wins, and the first current-context), parsed once
+    while its files are unchanged: 200 clusters in one file cost one parse."""
     paths = [Path(p).expanduser() for p in spec.split(os.pathsep) if p]
     stamps = tuple(p.stat().st_mtime_ns for p in paths if p.exists())
     with _kubeconfigs_lock:
@@ -151,37 +157,113 @@ def kubeconfig(spec: str) -> Kubeconfig:
         if key not in _kubeconfigs:
             if not stamps:
                 raise TargetError(f"kubeconfig {spec} does not exist")
-            try:
-                node = _parse(paths)
-            except OSError as exc:
-                raise TargetError(
-                    f"cannot read kubeconfig {exc.filename}: {exc.strerror}"
-                ) from None
-            except yaml.YAMLError:
-                raise TargetError(f"kubeconfig {spec} is not valid YAML") from None
-            except ConfigException as exc:
-                raise TargetError(str(exc)) from None
-            if node is None or not isinstance(node.value, dict):
-                raise TargetError(f"kubeconfig {spec} holds no configuration")
-            entries = {
-                section: {str(e["name"]): e for e in node[section].value if "name" in e}
-                if section in node and isinstance(node[section].value, list)
-                else {}
-                for section in ("contexts", "clusters", "users")
-            }
-            _kubeconfigs[key] = Kubeconfig(spec, node, entries)
+            _kubeconfigs[key] = _merge(spec, [p for p in paths if p.exists()])
         return _kubeconfigs[key]
 
 
-def _parse(paths: list[Path]) -> Any:
-    if len(paths) > 1:
-        return KubeConfigMerger(os.pathsep.join(map(str, paths))).config  # type: ignore[no-untyped-call]
+def _merge(spec: str, paths: list[Path]) -> Kubeconfig:
+    entries: dict[str, dict[str, dict[str, Any]]] = {
+        s: {} for s in ("contexts", "clusters", "users")
+    }
+    current: str | None = None
+    found = False
+    for path in paths:
+        data = _load(path)
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise TargetError(f"kubeconfig {path} holds no configuration")
+        found = True
+        current = current or (str(data["current-context"]) if data.get("current-context") else None)
+        base = path.absolute().parent
+        for section, named in entries.items():
+            listed = data.get(section)
+            for entry in listed if isinstance(listed, list) else []:
+                if isinstance(entry, dict) and "name" in entry:
+                    named.setdefault(str(entry["name"]), _absolute(section, entry, base))
+    if not found:
+        raise TargetError(f"kubeconfig {spec} holds no configuration")
+    return Kubeconfig(spec, current, entries)
+
+
+def _load(path: Path) -> Any:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with paths[0].open() as f:
-        data = yaml.load(f, Loader=loader)  # noqa: S506 -- a safe loader, in C when available
-    if data is None:
-        return None
-    return ConfigNode(str(paths[0]), data, str(paths[0]))  # type: ignore[no-untyped-call]
+    try:
+        with path.open() as f:
+            return yaml.load(f, Loader=loader)  # noqa: S506 -- a safe loader, in C when available
+    except OSError as exc:
+        raise TargetError(f"cannot read kubeconfig {path}: {exc.strerror}") from None
+    except yaml.YAMLError:
+        raise TargetError(f"kubeconfig {path} is not valid YAML") from None
+
+
+def _absolute(section: str, entry: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``entry`` with the files it names relative to its kubeconfig made absolute, as
+    kubectl resolves them (a plugin command only when it is a path, not a bare name)."""
+    if section not in _PATHS:
+        return entry
+    key, fields = _PATHS[section]
+    inner = entry.get(key)
+    if not isinstance(inner, dict):
+        return entry
+    inner = dict(inner)
+    # An absolute path stays as it is: base / "/abs" is "/abs".
+    for name in fields:
+        if isinstance(inner.get(name), str) and inner[name]:
+            inner[name] = str(base / inner[name])
+    exec_ = inner.get("exec")
+    if isinstance(exec_, dict) and os.sep in str(exec_.get("command", "")):
+        inner["exec"] = {**exec_, "command": str(base / exec_["command"])}
+    return {**entry, key: inner}
+
+
+class _PluginLog(logging.Filter):
+    """Keeps the kubernetes client's kubeconfig log records off every handler.
+
+    The client runs a kubeconfig's credential plugin while loading the context (and
+    again when its token expires); when the plugin fails it logs the plugin's stderr,
+    which can hold a token, with ``logging.error`` on the root logger and goes on
+    without credentials. Installed on the root logger, this filter sees exactly those
+    calls; :meth:`watch` collects what failed, as safe words, for the thread inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._source = os.path.normcase(kube_config.__file__)
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.path.normcase(record.pathname) != self._source:
+            return True
+        failures: list[str] | None = getattr(self._local, "failures", None)
+        if failures is not None:
+            failures.append(_plugin_failure(record.getMessage()))
+        return False
+
+    @contextmanager
+    def watch(self) -> Iterator[list[str]]:
+        outer = getattr(self._local, "failures", None)
+        failures: list[str] = []
+        self._local.failures = failures
+        try:
+            yield failures
+        finally:
+            self._local.failures = outer
+            if outer is not None:
+                outer.extend(failures)
+
+
+def _plugin_failure(message: str) -> str:
+    """What a credential plugin's failure was, without anything it printed."""
+    exited = re.match(r"(?:exec|cmd-path): process returned (-?\d+)", message)
+    if exited:
+        return f"exited with status {exited.group(1)}"
+    if "decode process output" in message:
+        return "printed no ExecCredential JSON"
+    return "returned no usable credentials"
+
+
+_PLUGIN_LOG = _PluginLog()
+logging.getLogger().addFilter(_PLUGIN_LOG)
 
 
 class KubeApi:
@@ -194,6 +276,7 @@ class KubeApi:
         self._sleep = sleep
         self._timeout = cfg.request_timeout.total_seconds()
         self._client: Any = None
+        self._plugin: str | None = None
         self._spec = cfg.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         if cfg.in_cluster:
             self.where = "the in-cluster service account"
@@ -212,15 +295,6 @@ class KubeApi:
             self._client = client.ApiClient(self._configuration())
         return self._client
 
-    def secrets(self) -> SecretsApi:
-        return SecretsApi(self.client)
-
-    def apps(self) -> Any:
-        # Imported on first use: only istiod restarts need it, and it costs ~0.3 s.
-        from kubernetes.client.api.apps_v1_api import AppsV1Api
-
-        return AppsV1Api(self.client)
-
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -229,14 +303,17 @@ class KubeApi:
     def _configuration(self) -> Any:
         configuration = client.Configuration()
         try:
-            if self.cfg.in_cluster:
-                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            else:
-                self._load_context(configuration)
+            with _PLUGIN_LOG.watch() as failures:
+                if self.cfg.in_cluster:
+                    config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                else:
+                    self._load_context(configuration)
         except ConfigException as exc:
-            raise TargetError(f"{self.where}: {scrub(str(exc))}") from None
+            raise TargetError(f"{self.where}: {self._config_error(str(exc))}") from None
         except TargetError as exc:
             raise TargetError(f"{self.where}: {exc}") from None
+        if failures:
+            raise TargetError(self._plugin_failed(failures[0]))
         configuration.retries = False  # the retry policy is call()'s
         return configuration
 
@@ -251,12 +328,82 @@ class KubeApi:
             raise TargetError(
                 f"kubeconfig {self._spec} has no context {wanted} (it has: {known or 'none'})"
             )
+        self._plugin = loaded.plugin(wanted)
         config.load_kube_config_from_dict(  # type: ignore[no-untyped-call]
             loaded.only(wanted),
             context=wanted,
             client_configuration=configuration,
             persist_config=False,
         )
+
+    def _plugin_failed(self, failure: str) -> str:
+        return (
+            f"{self.where}: the kubeconfig's credential plugin {self._plugin or '(exec)'} "
+            f"{failure}; run it by hand to see why"
+        )
+
+    def _config_error(self, message: str) -> str:
+        """A ConfigException's message, one line, without a plugin's output (the
+        client puts a failed auth-provider command's stderr in it)."""
+        exited = re.match(r"cmd-path: process returned (-?\d+)\nCmd: (\S*)", message)
+        if exited:
+            return (
+                f"the kubeconfig's auth-provider command {exited.group(2)} exited with status "
+                f"{exited.group(1)}; run it by hand to see why"
+            )
+        return scrub(message.splitlines()[0] if message else "invalid kubeconfig")
+
+    def send(
+        self,
+        request: Request,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        """One API request under the retry policy; the answer's JSON object."""
+        return self.call(request, self._send, method, path, body, content_type)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        content_type: str,
+        _request_timeout: Any = None,
+    ) -> dict[str, Any]:
+        """Through the official ApiClient (its auth, TLS and errors), without the
+        generated CoreV1Api: importing that module alone takes ~0.8 s with kubernetes
+        37. ApiClient's request method changed in 37; both forms are public."""
+        api = self.client
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        if hasattr(api, "param_serialize"):  # kubernetes >= 37
+            serialized = api.param_serialize(
+                method=method,
+                resource_path=path,
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            response = api.call_api(*serialized, _request_timeout=_request_timeout)
+            response.read()
+            # Raises ApiException for any other status, as the generated API does.
+            answer = api.response_deserialize(response, {"200": "object", "201": "object"})
+            return dict(answer.data)
+        raw = api.call_api(  # raises ApiException for any status but 2xx
+            path,
+            method,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+            _preload_content=False,
+            _request_timeout=_request_timeout,
+        )
+        return dict(json.loads(raw.data))
 
     def call(self, request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` under the retry policy, failures translated."""
@@ -267,16 +414,30 @@ class KubeApi:
             sleep=self._sleep,
             reraise=True,
         )
-        try:
-            return retrying(fn, *args, _request_timeout=(self._timeout, self._timeout), **kwargs)
-        except (ApiException, urllib3.exceptions.HTTPError) as exc:
-            tries = int(retrying.statistics.get("attempt_number", 1))
-            raise self._translate(exc, request, tries) from None
+        # An expired token makes the client run the credential plugin again.
+        with _PLUGIN_LOG.watch() as failures:
+            try:
+                return retrying(
+                    fn, *args, _request_timeout=(self._timeout, self._timeout), **kwargs
+                )
+            except (ApiException, urllib3.exceptions.HTTPError) as exc:
+                if failures:
+                    raise TargetError(self._plugin_failed(failures[0])) from None
+                tries = int(retrying.statistics.get("attempt_number", 1))
+                raise self._translate(exc, request, tries) from None
 
     def _translate(self, exc: Exception, request: Request, tries: int) -> TargetError:
         after = f" (after {tries} tries)" if tries > 1 else ""
         if not isinstance(exc, ApiException):
             return self._network(exc, after)
+        if not exc.status:  # the client's own failure before any answer
+            reason = str(exc.reason or "")
+            if reason.startswith("SSLError"):
+                detail = reason.partition("\n")[2]
+                return TargetError(
+                    f"TLS with {self.server} ({self.where}) failed: {scrub(detail, 200)}"
+                )
+            return TargetError(f"{request} could not be sent to {self.server}")
         reason, message, details = _status(exc)
         code = exc.status
         if code == 404 and details.get("kind") == "namespaces":
@@ -340,58 +501,3 @@ def _status(exc: ApiException) -> tuple[str, str, dict[str, Any]]:
         scrub(str(body.get("message") or "")),
         details if isinstance(details, dict) else {},
     )
-
-
-class SecretsApi:
-    """The three Secret calls trustmgr makes, through the official client's
-    ApiClient (its auth, TLS and errors), answered as plain dicts.
-
-    The generated CoreV1Api would do the same, but importing its module alone
-    takes ~0.8 s, a third of a 200-cluster bootstrap."""
-
-    PATH = "/api/v1/namespaces/{namespace}/secrets"
-
-    def __init__(self, api_client: Any) -> None:
-        self._client = api_client
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        path_params: dict[str, str],
-        body: dict[str, Any] | None = None,
-        _request_timeout: Any = None,
-    ) -> dict[str, Any]:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        request = self._client.param_serialize(
-            method=method,
-            resource_path=path,
-            path_params=path_params,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self._client.call_api(*request, _request_timeout=_request_timeout)
-        response.read()
-        # Raises ApiException for any status but these, as the generated API does.
-        answer = self._client.response_deserialize(response, {"200": "object", "201": "object"})
-        return dict(answer.data)
-
-    def read_namespaced_secret(self, name: str, namespace: str, **kw: Any) -> dict[str, Any]:
-        return self._send(
-            "GET", self.PATH + "/{name}", {"namespace": namespace, "name": name}, **kw
-        )
-
-    def create_namespaced_secret(
-        self, namespace: str, body: dict[str, Any], **kw: Any
-    ) -> dict[str, Any]:
-        return self._send("POST", self.PATH, {"namespace": namespace}, body, **kw)
-
-    def replace_namespaced_secret(
-        self, name: str, namespace: str, body: dict[str, Any], **kw: Any
-    ) -> dict[str, Any]:
-        return self._send(
-            "PUT", self.PATH + "/{name}", {"namespace": namespace, "name": name}, body, **kw
-        )

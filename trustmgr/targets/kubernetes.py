@@ -4,8 +4,10 @@ Write rules: an absent secret is created; trustmgr's own (labelled
 ``app.kubernetes.io/managed-by: trustmgr``) is replaced carrying the
 resourceVersion that was read, so a concurrent change answers 409 and the
 engine reads and plans again; a secret trustmgr did not create is replaced only
-when adopting. Before every replace the previous content is kept in a Secret
-next to it, ``<name>-trustmgr-previous``, which ``restore`` puts back.
+when adopting. Once a replace has landed, what it replaced is kept in a Secret
+next to it, ``<name>-trustmgr-previous``, which ``restore`` puts back: a write
+that fails leaves the kept copy as it was. A write whose answer was lost (a
+timeout, a dropped connection, a 5xx) is read back before it is called failed.
 A missing namespace is an error, never created here."""
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from trustmgr.config import KubernetesTargetConfig
-from trustmgr.errors import TargetConflictError, TargetError
+from trustmgr.errors import TargetConflictError, TargetError, TransientTargetError
 from trustmgr.pki import CACERTS_FILES, CACerts
-from trustmgr.targets.base import MANAGED_BY, MANAGED_BY_LABEL, Previous, secret_manifest
+from trustmgr.targets.base import (
+    DIGEST_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    Previous,
+    secret_manifest,
+)
 from trustmgr.targets.kubeapi import KubeApi, NotFoundError, Request
 
 log = logging.getLogger(__name__)
@@ -32,8 +41,12 @@ BACKUP_SUFFIX = "-trustmgr-previous"
 PREVIOUS_METADATA = "trustmgr.io/previous-metadata"
 """On the backup: the labels and annotations the kept cacerts had, as JSON."""
 SAVED_AT = "trustmgr.io/saved-at"
+REPLACED_BY = "trustmgr.io/replaced-by"
+"""On the backup: the digest annotation of the cacerts written in the kept one's place."""
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+SECRETS = "/api/v1/namespaces/{namespace}/secrets"
+DEPLOYMENTS = "/apis/apps/v1/namespaces/{namespace}/deployments"
 
 
 @dataclass(frozen=True)
@@ -115,14 +128,15 @@ class KubernetesTarget:
         )
         current = self._current
         if current is None:
-            self._current = self._create(body)
+            self._current = self._put(body, None)
             return
         if not current.managed and not adopt:
             raise TargetError(f"{self.foreign}; run with --adopt to replace it")
-        self._keep_previous(current)
+        backup = self._own_backup()
         body["type"] = current.type  # immutable: an adopted secret keeps its type
-        self._current = self._replace(body, current)
+        self._current = self._put(body, current)
         self.foreign = None
+        self._keep_previous(current, backup, self._current)
 
     def previous(self) -> Previous | None:
         self._backup = backup = self._get(self.backup_name)
@@ -130,6 +144,7 @@ class KubernetesTarget:
             return None
         if not backup.managed:
             raise TargetError(self._foreign_backup())
+        self._check_rollback_point(backup)
         labels, _ = self._previous_metadata(backup)
         return Previous(
             CACerts.from_files(backup.files()),
@@ -149,14 +164,9 @@ class KubernetesTarget:
             annotations=annotations,
             type_=current.type if current else "Opaque",
         )
-        if current is None:
-            self._current = self._create(body)
-            return
-        self._current = self._replace(body, current)
-        try:
-            self._keep_previous(current, backup)
-        except TargetError as exc:  # the rollback itself is done
-            log.warning("cluster %s: the replaced cacerts was not kept: %s", self.cluster, exc)
+        self._current = self._put(body, current)
+        if current is not None:
+            self._keep_previous(current, backup, self._current)
 
     def restart_istiod(self) -> None:
         """Patch the pod template's restartedAt annotation, as ``kubectl rollout
@@ -166,13 +176,8 @@ class KubernetesTarget:
         body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
         request = Request("patch", "deployments", name, self.namespace)
         try:
-            self.api.call(
-                request,
-                self.api.apps().patch_namespaced_deployment,
-                name,
-                self.namespace,
-                body,
-                _content_type=STRATEGIC_MERGE,
+            self.api.send(
+                request, "PATCH", self._path(DEPLOYMENTS, name), body, content_type=STRATEGIC_MERGE
             )
         except NotFoundError:
             raise TargetError(
@@ -180,23 +185,65 @@ class KubernetesTarget:
                 "istiodDeployment to istiod's Deployment, or turn off restartIstiod"
             ) from None
 
-    def _keep_previous(self, current: _Secret, backup: _Secret | None = None) -> None:
-        """Save ``current`` into the backup Secret (read now unless given)."""
-        existing = backup or self._get(self.backup_name)
-        if existing is not None and not existing.managed:
+    def _own_backup(self) -> _Secret | None:
+        """The backup Secret, read before anything is written: one trustmgr did not
+        create is never replaced."""
+        backup = self._get(self.backup_name)
+        if backup is not None and not backup.managed:
             raise TargetError(self._foreign_backup())
-        metadata = {"labels": current.labels, "annotations": current.annotations}
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return backup
+
+    def _keep_previous(self, replaced: _Secret, backup: _Secret | None, written: _Secret) -> None:
+        """Keep ``replaced`` in the backup Secret, now that ``written`` took its place.
+
+        The write stands even if this fails: the kept copy is then older than what
+        was replaced, which its REPLACED_BY annotation shows to ``previous``."""
+        metadata = {"labels": replaced.labels, "annotations": replaced.annotations}
+        annotations = {
+            PREVIOUS_METADATA: json.dumps(metadata, sort_keys=True),
+            SAVED_AT: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        if DIGEST_ANNOTATION in written.annotations:
+            annotations[REPLACED_BY] = written.annotations[DIGEST_ANNOTATION]
         body = self._secret_body(
             self.backup_name,
-            current.data,
+            replaced.data,
             labels={MANAGED_BY_LABEL: MANAGED_BY},
-            annotations={PREVIOUS_METADATA: json.dumps(metadata, sort_keys=True), SAVED_AT: now},
+            annotations=annotations,
         )
-        if existing is None:
-            self._create(body)
-        else:
-            self._replace(body, existing)
+        try:
+            self._put(body, backup)
+        except TargetError as exc:
+            log.warning(
+                "cluster %s: %s was written, but the cacerts it replaced could not be kept "
+                "in %s for rollback: %s",
+                self.cluster,
+                self.name,
+                self.backup_name,
+                exc,
+            )
+
+    def _check_rollback_point(self, backup: _Secret) -> None:
+        """Refuse a kept copy that putting back would not undo the last write with."""
+        current = self._current
+        if current is None:
+            return
+        saved = backup.annotations.get(SAVED_AT) or "an unknown time"
+        where = f"secret {self.namespace}/{self.name}"
+        if current.data == backup.data:
+            raise TargetError(
+                f"cluster {self.cluster}: {where} already holds the cacerts kept in "
+                f"{self.backup_name} (saved at {saved}): there is nothing to roll back to"
+            )
+        replaced_by = backup.annotations.get(REPLACED_BY)
+        holds = current.annotations.get(DIGEST_ANNOTATION)
+        if replaced_by and holds and replaced_by != holds:
+            raise TargetError(
+                f"cluster {self.cluster}: the cacerts kept in {self.backup_name} (saved at "
+                f"{saved}) is older than the one the last write to {where} replaced, which "
+                "could not be kept; to put it back anyway, remove the backup's "
+                f"{REPLACED_BY} annotation and run rollback again"
+            )
 
     def _previous_metadata(self, backup: _Secret) -> tuple[dict[str, str], dict[str, str]]:
         """The labels and annotations the kept cacerts had."""
@@ -237,31 +284,59 @@ class KubernetesTarget:
             "data": data,
         }
 
+    def _path(self, collection: str, name: str | None = None) -> str:
+        path = collection.format(namespace=quote(self.namespace, safe=""))
+        return f"{path}/{quote(name, safe='')}" if name is not None else path
+
     def _get(self, name: str) -> _Secret | None:
         request = Request("get", "secrets", name, self.namespace)
         try:
-            model = self.api.call(
-                request, self.api.secrets().read_namespaced_secret, name, self.namespace
-            )
+            return _Secret.of(self.api.send(request, "GET", self._path(SECRETS, name)))
         except NotFoundError:
             return None
-        return _Secret.of(model)
+
+    def _put(self, body: dict[str, Any], current: _Secret | None) -> _Secret:
+        """Create the Secret (``current`` None) or replace ``current`` with ``body``.
+
+        A write whose answer never came (retries spent on timeouts, dropped
+        connections or 5xx) may have landed, and so may one whose retry conflicted
+        with it: the Secret is read back, and if it holds what was sent, the write
+        succeeded."""
+        try:
+            return self._create(body) if current is None else self._replace(body, current)
+        except (TransientTargetError, TargetConflictError) as exc:
+            landed = self._read_back(body)
+            if landed is None:
+                raise
+            log.info("cluster %s: %s; it landed all the same", self.cluster, exc)
+            return landed
+
+    def _read_back(self, body: dict[str, Any]) -> _Secret | None:
+        """The Secret if it holds exactly what ``body`` sent, else None."""
+        meta = body["metadata"]
+        try:
+            secret = self._get(meta["name"])
+        except TargetError:
+            return None
+        if (
+            secret is None
+            or secret.data != body["data"]
+            or secret.labels != meta["labels"]
+            or secret.annotations != meta["annotations"]
+        ):
+            return None
+        return secret
 
     def _create(self, body: dict[str, Any]) -> _Secret:
         request = Request("create", "secrets", body["metadata"]["name"], self.namespace)
-        model = self.api.call(
-            request, self.api.secrets().create_namespaced_secret, self.namespace, body
-        )
-        return _Secret.of(model)
+        return _Secret.of(self.api.send(request, "POST", self._path(SECRETS), body))
 
     def _replace(self, body: dict[str, Any], current: _Secret) -> _Secret:
         name = body["metadata"]["name"]
         body["metadata"]["resourceVersion"] = current.resource_version
         request = Request("update", "secrets", name, self.namespace)
         try:
-            model = self.api.call(
-                request, self.api.secrets().replace_namespaced_secret, name, self.namespace, body
-            )
+            model = self.api.send(request, "PUT", self._path(SECRETS, name), body)
         except NotFoundError:
             raise TargetConflictError(
                 f"secret {self.namespace}/{name} was deleted since it was read"
