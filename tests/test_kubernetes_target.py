@@ -884,3 +884,30 @@ def test_scrub_removes_pem_and_base64() -> None:
     key = handmade_cacerts().ca_key
     text = f"before {key.decode().strip()} middle {base64.b64encode(key).decode()} after"
     assert kubeapi.scrub(text) == "before [redacted] middle [redacted] after"
+
+
+def test_lost_records_are_recovered_from_the_clusters_and_a_lost_root_refused(
+    fleet: Callable[..., Fleet],
+) -> None:
+    """state.json lost: what each secret's digest annotation vouches for is
+    recorded, nothing issued again. The root lost too: the run stops, no write."""
+    f = fleet("c0", "c1")
+    config = f.configure()
+    ok(config, "bootstrap")
+    before = {c: f.material(c) for c in f.emulators}
+    (f.workdir / "state" / "state.json").unlink()
+    f.reset_counters()
+    result = ok(config, "bootstrap", "-o", "json")
+    report = json.loads(result.out)
+    assert {c["action"] for c in report["clusters"]} == {"record"}
+    assert {c: f.material(c) for c in f.emulators} == before
+    assert all(e.writes == 0 for e in f.emulators.values())
+    assert json.loads(ok(config, "plan", "-o", "json").out)["pending"] is False
+    import shutil
+
+    shutil.rmtree(f.workdir / "state")
+    lost = run(config, "bootstrap")
+    assert lost.code == 2
+    assert "clusters c0, c1 hold CAs trustmgr issued under root " in lost.err
+    assert all(e.writes == 0 for e in f.emulators.values())
+    assert {c: f.material(c) for c in f.emulators} == before

@@ -99,6 +99,8 @@ class KubernetesTarget:
         self.backup_name = config.secret_name + BACKUP_SUFFIX
         self.description = f"{self.api.where}, secret {self.namespace}/{self.name}"
         self.foreign: str | None = None
+        self.stamp: str | None = None
+        """After ``read``: the digest annotation trustmgr wrote with the secret's data."""
         self._current: _Secret | None = None
         self._backup: _Secret | None = None
 
@@ -107,7 +109,7 @@ class KubernetesTarget:
 
     def read(self) -> CACerts | None:
         self._current = secret = self._get(self.name)
-        self.foreign = None
+        self.foreign = self.stamp = None
         if secret is None:
             return None
         if not secret.managed:
@@ -115,6 +117,8 @@ class KubernetesTarget:
                 f"secret {self.namespace}/{self.name} was not created by trustmgr "
                 f"(no {MANAGED_BY_LABEL}={MANAGED_BY} label)"
             )
+        else:
+            self.stamp = secret.annotations.get(DIGEST_ANNOTATION)
         files = secret.files()
         return CACerts.from_files(files) if any(files.values()) else None
 
