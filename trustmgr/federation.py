@@ -141,13 +141,22 @@ class Federation:
         return out + _external_findings(self.config)
 
 
-def order_bundle(canonical: TrustBundle, previous: tuple[str, ...]) -> TrustBundle:
+def order_bundle(
+    canonical: TrustBundle, previous: tuple[str, ...], retiring: frozenset[str] = frozenset()
+) -> TrustBundle:
     """The roots of ``canonical`` in an order that keeps istiod's hot-reload
     rule: roots already in the target keep their place, new ones are appended.
-    An addition then appends and a removal drops roots from where they were."""
+    An addition then appends and a removal drops roots from where they were.
+
+    New roots go in front instead when the bundle ends with a root that is
+    ``retiring`` (being rotated out): removing it later then drops a suffix,
+    still a byte substring of the file, which istiod before 1.30 requires."""
     by_fp = dict(zip(canonical.fingerprints, canonical.roots, strict=True))
     kept = [by_fp[fp] for fp in previous if fp in by_fp]
-    return TrustBundle.of([*kept, *canonical.roots])
+    added = [r for r in canonical.roots if r not in kept]
+    if kept and previous and previous[-1] in retiring and previous[0] not in retiring:
+        return TrustBundle.of([*added, *kept])
+    return TrustBundle.of([*kept, *added])
 
 
 def mesh_config_fragment(

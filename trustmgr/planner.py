@@ -425,12 +425,13 @@ def desired_cluster(
     reading: Reading,
     *,
     adopt: bool,
+    retiring: frozenset[str] = frozenset(),
 ) -> DesiredCluster:
     """The cluster's desired state; its bundle keeps the order of what the
     cluster holds now, so that istiod can hot-reload the change."""
     bundle = federation.bundle(mesh_name)
     if bundle is not None and reading.ca is not None:
-        bundle = order_bundle(bundle, reading.ca.bundle)
+        bundle = order_bundle(bundle, reading.ca.bundle, retiring)
     mesh = config.meshes[mesh_name]
     cfg = mesh.clusters[cluster]
     inter = config.intermediates_for(mesh_name)
@@ -538,10 +539,13 @@ def _plan_clusters(
     errors = [f.message for f in federation.findings() if f.level == "error"]
     if errors:
         raise BadInputError(errors[0])
+    retiring = frozenset(fingerprint(r) for p in phases for r in observation.roots.get(p, ()))
     clusters = []
     for mesh_name, cluster, _ in config.clusters():
         reading = observation.clusters[cluster]
-        d = desired_cluster(config, cluster, mesh_name, federation, reading, adopt=adopt)
+        d = desired_cluster(
+            config, cluster, mesh_name, federation, reading, adopt=adopt, retiring=retiring
+        )
         if d.provider in sets:
             rs = sets[d.provider]
             d = replace(

@@ -1,0 +1,249 @@
+"""Root rotation through every phase, on directory targets, with the rules that
+keep a live mesh up checked after every pass."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import snapshot, trustmgr
+from trustmgr import config as config_mod
+from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
+from trustmgr.engine import Workspace, apply, make_plan
+from trustmgr.pki import CACERTS_FILES, CACerts, istiod_problems
+
+CONFIG = """\
+stateStore: {file: {path: state}}
+rotation: {soak: SOAK, canary: 1}
+providers:
+  corp:
+    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}
+  partner:
+    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}
+  iso:
+    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}
+meshes:
+  a:
+    trustDomain: a.example
+    provider: corp
+    clusters:
+      a-1: {directory: {path: out/a-1}, istio: {multiRoot: true}}
+      a-2: {directory: {path: out/a-2}, istio: {multiRoot: true}}
+      a-3: {directory: {path: out/a-3}, istio: {multiRoot: true}}
+  b:
+    trustDomain: b.example
+    provider: partner
+    clusters:
+      b-1: {directory: {path: out/b-1}, istio: {multiRoot: true, version: "1.29"}}
+  c:
+    trustDomain: c.example
+    provider: iso
+    clusters:
+      c-1: {directory: {path: out/c-1}, istio: {multiRoot: true}}
+federations:
+  - meshes: [a, b]
+"""
+A_AND_B = ("a-1", "a-2", "a-3", "b-1")
+
+
+@dataclass(frozen=True)
+class Held:
+    """What one cluster holds."""
+
+    material: CACerts
+
+    @property
+    def chain_root(self) -> str:
+        return fingerprint(load_certificates(self.material.cert_chain, "chain")[-1])
+
+    @property
+    def bundle(self) -> tuple[str, ...]:
+        return TrustBundle.from_pem(self.material.root_cert).fingerprints
+
+
+def _held(workdir: Path) -> dict[str, Held]:
+    out = {}
+    for d in sorted((workdir / "out").iterdir()):
+        out[d.name] = Held(CACerts.from_files({n: (d / n).read_bytes() for n in CACERTS_FILES}))
+    return out
+
+
+def _check_transition(before: dict[str, Held], after: dict[str, Held]) -> None:
+    """What a live mesh needs after every pass."""
+    now = datetime.now(UTC)
+    for cluster, held in after.items():
+        assert istiod_problems(held.material, now=now) == [], cluster
+        old, new = before[cluster].material.root_cert, held.material.root_cert
+        # istiod's multi-root rule (bytes.Contains before 1.30): superset or subset
+        assert old in new or new in old, f"{cluster}: root-cert.pem cannot be hot-reloaded"
+    # trust before use: a CA under a root reaches no cluster before every peer trusts it
+    for cluster in A_AND_B:
+        root = after[cluster].chain_root
+        for peer in A_AND_B:
+            assert root in after[peer].bundle, f"{peer} does not trust the root of {cluster}"
+
+
+def _promise_and_pass(workdir: Path) -> None:
+    """One reconcile, which changes exactly what the plan before it listed."""
+    planned = json.loads(trustmgr("plan", "-o", "json").out)
+    run = trustmgr("reconcile", "-o", "json")
+    assert run.code == 0, run.err
+    report = json.loads(run.out)
+    assert {c["cluster"] for c in planned["clusters"] if c["action"] != "none"} == {
+        c["cluster"] for c in report["clusters"] if c["action"] != "none"
+    }
+
+
+def _rotating(workdir: Path) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = json.loads(trustmgr("rotate", "status", "-o", "json").out)
+    return rows
+
+
+@pytest.fixture
+def mesh(workdir: Path) -> Path:
+    config = workdir / "trustmgr.yaml"
+    config.write_text(CONFIG.replace("SOAK", "0s"))
+    assert trustmgr("bootstrap").code == 0
+    return config
+
+
+def test_a_rotation_reaches_every_cluster_without_an_outage(mesh: Path, workdir: Path) -> None:
+    start = _held(workdir)
+    old_root = start["a-1"].chain_root
+    untouched = snapshot(workdir / "out/c-1")
+    run = trustmgr("rotate", "start", "--provider", "corp")
+    assert run.code == 0, run.err
+    new_root = _rotating(workdir)[0]["newRoots"][0]  # type: ignore[index]
+    phases = []
+    before = start
+    for _ in range(10):
+        if not _rotating(workdir):
+            break
+        phases.append(_rotating(workdir)[0]["phase"])
+        _promise_and_pass(workdir)
+        after = _held(workdir)
+        _check_transition(before, after)
+        before = after
+    assert not _rotating(workdir)
+    assert phases == [
+        "prepared",
+        "trust-distributed",
+        "issuer-switched",  # the canary, a-1
+        "issuer-switched",  # the rest
+        "old-removed",
+    ]
+    end = _held(workdir)
+    for cluster in A_AND_B:
+        assert old_root not in end[cluster].bundle
+        assert new_root in end[cluster].bundle
+    assert {end[c].chain_root for c in ("a-1", "a-2", "a-3")} == {new_root}
+    assert end["b-1"].chain_root == start["b-1"].chain_root
+    assert snapshot(workdir / "out/c-1") == untouched  # neither uses nor federates with corp
+    assert trustmgr("verify").code == 0
+    # the old root's key is kept, encrypted, beside the new current one
+    assert (workdir / "state/providers/corp/root.pem").exists()
+    again = trustmgr("reconcile")
+    assert "0 changed" in again.out
+
+
+def test_the_canary_goes_first(mesh: Path, workdir: Path) -> None:
+    trustmgr("rotate", "start", "--provider", "corp")
+    trustmgr("reconcile")  # trust-distributed
+    plan = json.loads(trustmgr("plan", "-o", "json").out)
+    actions = {c["cluster"]: (c["action"], c["reason"]) for c in plan["clusters"]}
+    assert actions["a-1"] == ("issue", "IssuerChanged")
+    assert actions["a-2"] == actions["a-3"] == ("none", "CanaryFirst")
+
+
+def test_the_soak_holds_the_old_root_until_it_has_passed(workdir: Path) -> None:
+    config = workdir / "trustmgr.yaml"
+    config.write_text(CONFIG.replace("SOAK", "24h"))
+    assert trustmgr("bootstrap").code == 0
+    trustmgr("rotate", "start", "--provider", "corp")
+    for _ in range(4):
+        trustmgr("reconcile")
+    (row,) = _rotating(workdir)
+    assert row["phase"] == "issuer-switched"
+    assert str(row["blocked"]).startswith("soaking until ")
+    cfg = config_mod.load(config)
+    with Workspace.build(cfg, clock=lambda: datetime.now(UTC) + timedelta(hours=23)) as ws:
+        assert not apply(ws).changed
+    with Workspace.build(cfg, clock=lambda: datetime.now(UTC) + timedelta(hours=25)) as ws:
+        plan = make_plan(ws)
+        assert [s.record.phase for s in plan.rotations] == ["old-removed"]
+        assert apply(ws).changed
+
+
+def test_rollback_and_abort_put_back_what_was_there(mesh: Path, workdir: Path) -> None:
+    start = _held(workdir)
+    trustmgr("rotate", "start", "--provider", "corp")
+    trustmgr("reconcile")  # trust-distributed
+    trustmgr("reconcile")  # issuer-switched, canary a-1 under the new root
+    assert _held(workdir)["a-1"].chain_root != start["a-1"].chain_root
+    abort = trustmgr("rotate", "abort", "--provider", "corp")
+    assert abort.code == 2
+    assert "`trustmgr rotate rollback` to trust-distributed first, then abort" in abort.err
+    assert trustmgr("rotate", "rollback", "--provider", "corp").code == 0
+    before = _held(workdir)
+    trustmgr("reconcile")
+    after = _held(workdir)
+    _check_transition(before, after)
+    assert after["a-1"].chain_root == start["a-1"].chain_root  # back under the old root
+    trustmgr("reconcile")
+    (row,) = _rotating(workdir)
+    assert (row["phase"], row["held"]) == ("trust-distributed", True)  # held, not advancing
+    assert trustmgr("rotate", "abort", "--provider", "corp").code == 0
+    trustmgr("reconcile")
+    trustmgr("reconcile")
+    assert not _rotating(workdir)
+    end = _held(workdir)
+    for cluster in A_AND_B:
+        assert end[cluster].bundle == start[cluster].bundle
+        assert end[cluster].material.root_cert == start[cluster].material.root_cert
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--provider", "ghost"], "unknown provider 'ghost'"),
+        (["--provider", "corp", "--provider", "corp"], ""),
+    ],
+)
+def test_rotate_start_refuses_what_it_cannot_do(
+    mesh: Path, workdir: Path, args: list[str], expect: str
+) -> None:
+    if not expect:
+        assert trustmgr("rotate", "start", "--provider", "corp").code == 0
+        again = trustmgr("rotate", "start", "--provider", "corp")
+        assert again.code == 2
+        assert "provider corp is already rotating" in again.err
+        return
+    run = trustmgr("rotate", "start", *args)
+    assert run.code == 2 and expect in run.err
+
+
+def test_nothing_to_roll_back_before_distribution(mesh: Path) -> None:
+    trustmgr("rotate", "start", "--provider", "corp")
+    run = trustmgr("rotate", "rollback", "--provider", "corp")
+    assert run.code == 2
+    assert "`trustmgr rotate abort` drops the rotation" in run.err
+
+
+def test_a_cluster_that_cannot_hot_reload_is_named_with_its_restart(workdir: Path) -> None:
+    config = workdir / "trustmgr.yaml"
+    config.write_text(
+        CONFIG.replace("SOAK", "0s").replace(
+            "a-3: {directory: {path: out/a-3}, istio: {multiRoot: true}}",
+            "a-3: {directory: {path: out/a-3}}",
+        )
+    )
+    assert trustmgr("bootstrap").code == 0
+    trustmgr("rotate", "start", "--provider", "corp")
+    plan = json.loads(trustmgr("plan", "-o", "json").out)
+    restarts = {c["cluster"] for c in plan["clusters"] if c["istiodRestart"]}
+    assert restarts == {"a-3"}
+    assert "(istiod restart needed)" in trustmgr("plan").out
