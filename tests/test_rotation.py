@@ -247,3 +247,72 @@ def test_a_cluster_that_cannot_hot_reload_is_named_with_its_restart(workdir: Pat
     restarts = {c["cluster"] for c in plan["clusters"] if c["istiodRestart"]}
     assert restarts == {"a-3"}
     assert "(istiod restart needed)" in trustmgr("plan").out
+
+
+def test_a_rotation_killed_at_random_moments_resumes_to_its_end(workdir: Path) -> None:
+    import os
+    import random
+    import subprocess
+    import sys
+
+    from tests.conftest import PASSPHRASE, REPO
+
+    fleet = "".join(
+        f"      a-{i:02d}: {{directory: {{path: out/a-{i:02d}}}, istio: {{multiRoot: true}}}}\n"
+        for i in range(20)
+    )
+    text = CONFIG.replace("SOAK", "0s").replace(
+        "      a-1: {directory: {path: out/a-1}, istio: {multiRoot: true}}\n"
+        "      a-2: {directory: {path: out/a-2}, istio: {multiRoot: true}}\n"
+        "      a-3: {directory: {path: out/a-3}, istio: {multiRoot: true}}\n",
+        fleet,
+    )
+    (workdir / "trustmgr.yaml").write_text(text)
+    assert trustmgr("bootstrap").code == 0
+    assert trustmgr("rotate", "start", "--provider", "corp").code == 0
+    new_root = _rotating(workdir)[0]["newRoots"][0]  # type: ignore[index]
+    env = {**os.environ, "TRUSTMGR_PASSPHRASE": PASSPHRASE, "PYTHONPATH": str(REPO)}
+    rng = random.Random(10)
+    before = _held(workdir)
+    kills = 0
+    for _ in range(40):
+        if not _rotating(workdir):
+            break
+        process = subprocess.Popen(
+            [sys.executable, "-u", "-m", "trustmgr", "reconcile", "--workers", "2"],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stderr is not None
+        wanted = rng.randrange(0, 12) if rng.random() < 0.6 else 10**6  # some passes finish
+        seen = 0
+        while seen < wanted:
+            line = process.stderr.readline()
+            if not line:
+                break
+            seen += line.startswith("[")
+        if process.poll() is None:
+            process.kill()
+            kills += 1
+        process.wait()
+        process.stderr.close()
+        after = _held(workdir)  # a partial set fails to load here
+        now = datetime.now(UTC)
+        for cluster, held in after.items():
+            assert istiod_problems(held.material, now=now) == [], cluster
+        # no cluster ever holds a CA whose root a peer does not trust
+        rotating = [c for c in after if c.startswith(("a-", "b-"))]
+        for cluster in rotating:
+            for peer in rotating:
+                assert after[cluster].chain_root in after[peer].bundle, (cluster, peer)
+        before = after
+    assert kills >= 3
+    assert not _rotating(workdir), "the rotation did not finish"
+    for cluster, held in before.items():
+        if cluster.startswith("a-"):
+            assert held.chain_root == new_root
+        if cluster.startswith(("a-", "b-")):
+            assert held.bundle.count(new_root) == 1 and len(held.bundle) == 2
