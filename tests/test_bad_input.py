@@ -59,6 +59,12 @@ def new_cluster(workdir: Path) -> None:
     )(workdir)
 
 
+BOMB = "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}' if p else '0'] * 9)}]\n"
+    for p, n in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
+)
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -165,6 +171,27 @@ CASES = [
         "renewBefore must be shorter than ttl",
         2,
         edit("federations:", "intermediates: {ttl: 24h, renewBefore: 48h}\nfederations:"),
+    ),
+    Case(
+        "duplicate-key",
+        "trustmgr.yaml:11: meshes.web.clusters.web-1: duplicate key 'web-1' (also on line 10)",
+        2,
+        edit(
+            "      web-1: {directory: {path: out/web-1}}",
+            "      web-1: {directory: {path: out/web-1}}\n      web-1: {directory: {path: out/x}}",
+        ),
+    ),
+    Case(
+        "alias-bomb",
+        "(at most 10,000 here); use fewer aliases",
+        2,
+        edit("federations:", BOMB + "federations:"),
+    ),
+    Case(
+        "recursive-alias",
+        "trustmgr.yaml:16: a[0]: this alias refers to a value that contains it",
+        2,
+        edit("federations:", "a: &a [*a]\nfederations:"),
     ),
     Case(
         "cluster-in-two-meshes",

@@ -198,28 +198,157 @@ Loc = tuple[str | int, ...]
 
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE = "tag:yaml.org,2002:merge"
+MAX_DEPTH = 32
+"""Levels of nesting a file may have; the deepest key of the schema is at 6."""
+ALIAS_LIMIT = 10_000
+"""Values aliases may add to a file, or as many as it holds as written if that is more."""
 
 
-def _load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
-    """Parse once: the node tree (for lines) and the data built from it."""
+@dataclass(frozen=True)
+class _Problem:
+    loc: Loc
+    message: str
+    line: int | None = None
+    """Where the problem is, when the path alone does not say (a repeated key)."""
+
+
+class _Refused(Exception):
+    """The node graph cannot be turned into data at all."""
+
+    def __init__(self, problem: _Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+class _Graph:
+    """One pass over the composed node graph, before any Python object is built
+    from it: the line of every path, repeated keys, recursion, nesting, and how
+    far aliases expand.
+
+    An alias is the anchored node object itself, reached again: sizes are kept
+    per node and an alias is not entered twice, so the pass is linear in the
+    nodes written however far aliases would expand them (an alias bomb costs
+    microseconds here, and gigabytes once built)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[Loc, int] = {}
+        self.duplicates: list[_Problem] = []
+        # node -> (values once every alias is expanded, levels below); None while inside it
+        self._done: dict[int, tuple[int, int] | None] = {}
+        self._biggest_alias: tuple[int, Loc] = (0, ())
+        self._scalars = 0
+
+    def check(self, root: yaml.Node) -> None:
+        """Raise _Refused for a graph that must not be built."""
+        self.lines[()] = root.start_mark.line + 1
+        if not isinstance(root, yaml.CollectionNode):
+            return
+        expanded, _ = self._walk(root, (), 0)
+        written = len(self._done) + self._scalars
+        added, limit = expanded - written, max(ALIAS_LIMIT, written)
+        if added > limit:
+            raise self._refuse(
+                self._biggest_alias[1],
+                f"aliases add {added:,} values to this file (at most {limit:,} here); "
+                "use fewer aliases",
+            )
+
+    def _refuse(self, path: Loc, message: str) -> _Refused:
+        return _Refused(_Problem(path, message, _line_for(path, self.lines)))
+
+    def _walk(self, node: yaml.Node, path: Loc, depth: int) -> tuple[int, int]:
+        """(values once every alias is expanded, levels below) of a collection."""
+        key = id(node)
+        if key in self._done:
+            known = self._done[key]
+            if known is None:
+                raise self._refuse(
+                    path,
+                    "this alias refers to a value that contains it; "
+                    "a configuration cannot be recursive",
+                )
+            if known[0] > self._biggest_alias[0]:
+                self._biggest_alias = (known[0], path)
+        elif depth > MAX_DEPTH:
+            known = None
+        else:
+            self._done[key] = None
+            known = self._done[key] = self._children(node, path, depth + 1)
+        if known is None or depth + known[1] > MAX_DEPTH:
+            raise self._refuse(
+                path[:1], f"nested deeper than {MAX_DEPTH} levels; no configuration needs that"
+            )
+        return known
+
+    def _children(self, node: yaml.Node, path: Loc, depth: int) -> tuple[int, int]:
+        # Scalars are most of a file and can hold nothing: they are counted here
+        # without a call of their own. Written for speed: this runs on every load.
+        lines, size, height, scalars = self.lines, 1, 0, 0
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, value in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    name = key_node.value
+                    child: Loc = (*path, name)
+                    scalars += 1
+                    first = seen.get(name)
+                    if first is None:
+                        seen[name] = key_node
+                    elif first.tag == key_node.tag != _MERGE:
+                        self._duplicate(child, first, key_node)
+                else:
+                    child = (*path, "?")
+                    key_size, key_height = self._walk(key_node, child, depth)
+                    size += key_size
+                    height = max(height, key_height + 1)
+                lines[child] = key_node.start_mark.line + 1
+                if isinstance(value, yaml.ScalarNode):
+                    scalars += 1
+                else:
+                    value_size, value_height = self._walk(value, child, depth)
+                    size += value_size
+                    if value_height >= height:
+                        height = value_height + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                if isinstance(item, yaml.ScalarNode):
+                    scalars += 1
+                else:
+                    child = (*path, index)
+                    if child not in lines:
+                        lines[child] = item.start_mark.line + 1
+                    item_size, item_height = self._walk(item, child, depth)
+                    size += item_size
+                    if item_height >= height:
+                        height = item_height + 1
+        self._scalars += scalars
+        return size + scalars, (height or 1) if scalars else height
+
+    def _duplicate(self, path: Loc, first: yaml.Node, again: yaml.Node) -> None:
+        self.duplicates.append(
+            _Problem(
+                path,
+                f"duplicate key {again.value!r} (also on line {first.start_mark.line + 1}); "
+                "keep only one",
+                again.start_mark.line + 1,
+            )
+        )
+
+
+def _load_yaml(text: str) -> tuple[Any, _Graph | None]:
+    """Parse once: the data, and the graph's line map and repeated keys (which
+    YAML would otherwise resolve silently, the last one winning)."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
-        return node, (loader.construct_document(node) if node is not None else None)
+        if node is None:
+            return None, None
+        graph = _Graph()
+        graph.check(node)
+        return loader.construct_document(node), graph
     finally:
         loader.dispose()
-
-
-def _lines(node: yaml.Node, path: Loc, out: dict[Loc, int]) -> None:
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = (*path, str(key.value))
-            out[child] = key.start_mark.line + 1
-            _lines(value, child, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _lines(item, (*path, index), out)
 
 
 def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
@@ -234,12 +363,6 @@ def _dotted(loc: Loc) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
-
-
-@dataclass(frozen=True)
-class _Problem:
-    loc: Loc
-    message: str
 
 
 def _reference_problems(data: Any) -> list[_Problem]:
@@ -353,7 +476,17 @@ def _pydantic_problems(exc: ValidationError) -> list[_Problem]:
 def parse(text: str, source: str) -> Config:
     """Parse and validate a configuration; raise ConfigError with every problem."""
     try:
-        node, data = _load_yaml(text)
+        data, graph = _load_yaml(text)
+    except _Refused as exc:
+        raise ConfigError(source, [_format(exc.problem, {})]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(
+            source,
+            [f"{line}: the character U+{exc.character:04X} cannot appear in YAML; remove it"]
+            if isinstance(exc.character, int)
+            else [f"{line}: not valid YAML: {exc.reason}"],
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{mark.line + 1}: " if mark is not None else ""
@@ -362,23 +495,26 @@ def parse(text: str, source: str) -> Config:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must hold a mapping with providers and meshes"])
-    lines: dict[Loc, int] = {}
-    if node is not None:
-        _lines(node, (), lines)
-    problems = _reference_problems(data)
+    assert graph is not None
+    lines = graph.lines
+    problems = graph.duplicates + _reference_problems(data)
     config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems = _pydantic_problems(exc) + problems
     if problems:
-        ordered = sorted(problems, key=lambda p: (_line_for(p.loc, lines) or 0, _dotted(p.loc)))
-        raise ConfigError(
-            source,
-            [f"{_line_for(p.loc, lines) or 1}: {_dotted(p.loc)}: {p.message}" for p in ordered],
+        ordered = sorted(
+            problems, key=lambda p: (p.line or _line_for(p.loc, lines) or 0, _dotted(p.loc))
         )
+        raise ConfigError(source, [_format(p, lines) for p in ordered])
     assert config is not None
     return config
+
+
+def _format(problem: _Problem, lines: dict[Loc, int]) -> str:
+    line = problem.line or _line_for(problem.loc, lines) or 1
+    return f"{line}: {_dotted(problem.loc)}: {problem.message}"
 
 
 def load(path: Path) -> Config:

@@ -1,0 +1,153 @@
+"""The configuration file: what the loader refuses, where it says so, and what
+it must keep accepting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import snapshot, trustmgr
+from trustmgr.config import parse
+from trustmgr.errors import ConfigError
+
+SECRET = "correct horse battery staple"
+
+BASE = """\
+stateStore: {file: {path: state}}
+providers:
+  corp:
+    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}
+meshes:
+  web:
+    trustDomain: web.example
+    provider: corp
+    clusters:
+      web-1: {directory: {path: out/web-1}}
+"""
+
+VAULT = """\
+providers:
+  v:
+    vault:
+      address: https://vault.example:8200
+      auth: {token: {env: VAULT_TOKEN}}
+meshes:
+  web:
+    trustDomain: web.example
+    provider: v
+    clusters:
+      web-1: {directory: {path: out/web-1}}
+"""
+
+
+def problems(text: str) -> list[str]:
+    """The lines `trustmgr validate` would print for ``text``; [] when it is valid."""
+    try:
+        parse(text, "trustmgr.yaml")
+    except ConfigError as exc:
+        return exc.lines()
+    return []
+
+
+def refused(text: str) -> str:
+    """The one line `trustmgr validate` prints for ``text``, after checking the
+    exit code and that nothing is written."""
+    workdir = Path.cwd()
+    (workdir / "trustmgr.yaml").write_text(text)
+    before = snapshot(workdir)
+    run = trustmgr("validate")
+    assert run.code == 2, run.err
+    assert "Traceback" not in run.err + run.out and "unexpected" not in run.err
+    assert snapshot(workdir) == before
+    lines = run.err.strip().splitlines()
+    assert len(lines) == 1, run.err
+    return lines[0]
+
+
+# --- duplicate keys ----------------------------------------------------------
+
+
+def test_a_duplicate_key_is_named_with_both_lines(workdir: Path) -> None:
+    text = BASE + "      web-1: {directory: {path: out/elsewhere}}\n"
+    assert refused(text) == (
+        "trustmgr: trustmgr.yaml:11: meshes.web.clusters.web-1: "
+        "duplicate key 'web-1' (also on line 10); keep only one"
+    )
+
+
+def test_duplicate_keys_are_reported_with_every_other_problem() -> None:
+    text = BASE.replace("provider: corp", "provider: corp\n    provider: nope")
+    assert problems(text) == [
+        "trustmgr.yaml:9: meshes.web.provider: duplicate key 'provider' (also on line 8); "
+        "keep only one",
+        "trustmgr.yaml:9: meshes.web.provider: unknown provider 'nope' (known: corp)",
+    ]
+
+
+def test_an_explicit_key_may_override_a_merged_one() -> None:
+    text = BASE.replace(
+        "      web-1: {directory: {path: out/web-1}}",
+        "      web-1: &c {directory: {path: out/web-1}, istio: {multiRoot: true}}\n"
+        "      web-2:\n        <<: *c\n        directory: {path: out/web-2}",
+    )
+    assert problems(text) == []
+    config = parse(text, "trustmgr.yaml")
+    web2 = config.meshes["web"].clusters["web-2"]
+    assert web2.directory is not None and web2.directory.path == "out/web-2"
+    assert web2.istio.multi_root
+
+
+# --- anchors and aliases -----------------------------------------------------
+
+BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+federations: [{meshes: *i}]
+"""
+
+
+def test_an_alias_bomb_is_refused_before_it_is_built(workdir: Path) -> None:
+    line = refused(BOMB + BASE.removeprefix("stateStore: {file: {path: state}}\n"))
+    assert line == (
+        "trustmgr: trustmgr.yaml:10: federations[0].meshes: aliases add 926,177,086 values to this file "
+        "(at most 10,000 here); use fewer aliases"
+    )
+
+
+def test_a_recursive_alias_is_refused(workdir: Path) -> None:
+    line = refused("a: &a [1, *a]\n" + BASE)
+    assert line == (
+        "trustmgr: trustmgr.yaml:1: a[1]: this alias refers to a value that contains it; "
+        "a configuration cannot be recursive"
+    )
+
+
+def test_nesting_deeper_than_any_configuration_is_refused(workdir: Path) -> None:
+    line = refused(BASE + "federations: " + "[" * 400 + "]" * 400 + "\n")
+    assert line == (
+        "trustmgr: trustmgr.yaml:11: federations: nested deeper than 32 levels; "
+        "no configuration needs that"
+    )
+
+
+def test_defaults_shared_by_many_clusters_stay_accepted() -> None:
+    """Aliases may add as many values as the file itself holds, or 10,000."""
+    clusters = "".join(
+        f"      c{i}:\n        <<: *defaults\n        directory: {{path: out/c{i}}}\n"
+        for i in range(600)
+    )
+    text = BASE.replace(
+        "      web-1: {directory: {path: out/web-1}}\n",
+        "      web-1: &defaults\n"
+        "        directory: {path: out/web-1}\n"
+        "        istio: {version: '1.24', multiRoot: true, restartIstiod: true}\n" + clusters,
+    )
+    config = parse(text, "trustmgr.yaml")
+    assert len(config.meshes["web"].clusters) == 601
+    assert all(c.istio.multi_root for c in config.meshes["web"].clusters.values())
