@@ -12,7 +12,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Duration, Model
+from trustmgr.schema import Duration, LocalPath, Model
 
 
 class Subject(Model):
@@ -29,7 +29,7 @@ class SelfSignedConfig(Model):
     ttl: Duration = timedelta(days=3650)
     subject: Subject = Subject()
     passphrase_env: str | None = None
-    passphrase_file: str | None = None
+    passphrase_file: LocalPath | None = None
 
     @model_validator(mode="after")
     def _one_passphrase_source(self) -> SelfSignedConfig:
@@ -69,7 +69,7 @@ class VaultTokenAuth(Model):
     """
 
     env: str | None = None
-    file: str | None = None
+    file: LocalPath | None = None
 
     @model_validator(mode="after")
     def _at_most_one_source(self) -> VaultTokenAuth:
@@ -89,9 +89,9 @@ class VaultAppRoleAuth(Model):
 
     mount: VaultPath = "approle"
     role_id: str | None = None
-    role_id_file: str | None = None
+    role_id_file: LocalPath | None = None
     role_id_env: str | None = None
-    secret_id_file: str | None = None
+    secret_id_file: LocalPath | None = None
     secret_id_env: str | None = None
 
     @model_validator(mode="after")
@@ -113,7 +113,7 @@ class VaultKubernetesAuth(Model):
 
     role: str = Field(min_length=1)
     mount: VaultPath = "kubernetes"
-    token_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    token_path: LocalPath = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
 class VaultJwtAuth(Model):
@@ -121,7 +121,7 @@ class VaultJwtAuth(Model):
 
     role: str = Field(min_length=1)
     mount: VaultPath = "jwt"
-    jwt_file: str | None = None
+    jwt_file: LocalPath | None = None
     jwt_env: str | None = None
 
     @model_validator(mode="after")
@@ -158,7 +158,7 @@ class VaultConfig(Model):
 
     address: Annotated[str, AfterValidator(_vault_address)]
     namespace: str | None = None
-    ca_cert: str | None = None
+    ca_cert: LocalPath | None = None
     tls_skip_verify: bool = False
     mount: VaultPath = "pki"
     issuer: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None

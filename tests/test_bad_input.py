@@ -194,6 +194,18 @@ CASES = [
         edit("federations:", "a: &a [*a]\nfederations:"),
     ),
     Case(
+        "not-utf8",
+        "trustmgr.yaml:7: not UTF-8 text (byte 0xe9 in column 19); save the file as UTF-8",
+        2,
+        write("trustmgr.yaml", BASE.encode().replace(b"web.ex", b"w\xe9b.ex")),
+    ),
+    Case(
+        "nul-in-path",
+        "trustmgr.yaml:10: meshes.web.clusters.web-1.directory.path: a path cannot hold a NUL",
+        2,
+        edit("{path: out/web-1}", '{path: "out/web-1\\0"}'),
+    ),
+    Case(
         "cluster-in-two-meshes",
         "cluster 'web-1' is also in mesh 'web'",
         2,

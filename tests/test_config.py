@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import snapshot, trustmgr
 from trustmgr.config import parse
 from trustmgr.errors import ConfigError
@@ -151,3 +153,79 @@ def test_defaults_shared_by_many_clusters_stay_accepted() -> None:
     config = parse(text, "trustmgr.yaml")
     assert len(config.meshes["web"].clusters) == 601
     assert all(c.istio.multi_root for c in config.meshes["web"].clusters.values())
+
+
+# --- encoding and NUL characters ---------------------------------------------
+
+
+def test_a_file_that_is_not_utf8_is_one_line(workdir: Path) -> None:
+    (workdir / "trustmgr.yaml").write_bytes(BASE.encode().replace(b"web.ex", b"w\xe9b.ex"))
+    run = trustmgr("validate")
+    assert run.code == 2
+    assert run.err == (
+        "trustmgr: trustmgr.yaml:7: not UTF-8 text (byte 0xe9 in column 19); "
+        "save the file as UTF-8\n"
+    )
+
+
+def test_a_control_character_in_the_file_is_one_line(workdir: Path) -> None:
+    assert refused(BASE.replace("out/web-1", "out/web-1\x00")) == (
+        "trustmgr: trustmgr.yaml:10: the character U+0000 cannot appear in YAML; remove it"
+    )
+
+
+NUL = '"x\\0y"'
+PATH_FIELDS = [
+    ("stateStore: {file: {path: state}}", f"stateStore: {{file: {{path: {NUL}}}}}", 1),
+    ("{directory: {path: out/web-1}}", f"{{directory: {{path: {NUL}}}}}", 10),
+    ("{directory: {path: out/web-1}}", f"{{kubernetes: {{kubeconfig: {NUL}}}}}", 10),
+    ("{passphraseEnv: TRUSTMGR_PASSPHRASE}", f"{{passphraseFile: {NUL}}}", 4),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "line"), PATH_FIELDS)
+def test_a_nul_character_in_a_path_is_refused_with_its_line(
+    old: str, new: str, line: int, workdir: Path
+) -> None:
+    assert refused(BASE.replace(old, new)).endswith(
+        "a path cannot hold a NUL character (\\0); remove it"
+    )
+    assert refused(BASE.replace(old, new)).startswith(f"trustmgr: trustmgr.yaml:{line}: ")
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        f"{{token: {{file: {NUL}}}}}",
+        f"{{appRole: {{roleId: r, secretIdFile: {NUL}}}}}",
+        f"{{appRole: {{roleIdFile: {NUL}, secretIdEnv: S}}}}",
+        f"{{kubernetes: {{role: r, tokenPath: {NUL}}}}}",
+        f"{{jwt: {{role: r, jwtFile: {NUL}}}}}",
+    ],
+)
+def test_a_nul_character_in_a_vault_path_is_refused(auth: str) -> None:
+    lines = problems(VAULT.replace("{token: {env: VAULT_TOKEN}}", auth))
+    assert len(lines) == 1 and lines[0].startswith("trustmgr.yaml:5: providers.v.vault.auth.")
+    assert lines[0].endswith("a path cannot hold a NUL character (\\0); remove it")
+
+
+def test_a_nul_character_in_other_paths_is_refused() -> None:
+    vault = VAULT.replace("auth:", f"caCert: {NUL}\n      auth:")
+    assert problems(vault) == [
+        "trustmgr.yaml:5: providers.v.vault.caCert: a path cannot hold a NUL character (\\0); "
+        "remove it"
+    ]
+    external = BASE + "  ext:\n    trustDomain: ext.example\n    external:\n"
+    for key in ("file", "caFile"):
+        source = f"{{{key}: {NUL}}}" if key == "file" else f"{{url: 'https://x', caFile: {NUL}}}"
+        lines = problems(external + f"      spiffeBundle: {source}\n")
+        assert lines == [
+            f"trustmgr.yaml:14: meshes.ext.external.spiffeBundle.{key}: "
+            "a path cannot hold a NUL character (\\0); remove it"
+        ]
+
+
+def test_an_empty_path_is_refused() -> None:
+    assert problems(BASE.replace("{path: out/web-1}", "{path: ''}")) == [
+        "trustmgr.yaml:10: meshes.web.clusters.web-1.directory.path: a path cannot be empty"
+    ]

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 from trustmgr.errors import ConfigError
 from trustmgr.providers.config import ProviderConfig
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Duration, Model
+from trustmgr.schema import Duration, LocalPath, Model
 
 DEFAULT_CONFIG = "trustmgr.yaml"
 
@@ -45,7 +45,7 @@ TrustDomain = Annotated[str, AfterValidator(_trust_domain)]
 
 
 class FileStateStoreConfig(Model):
-    path: str = ".trustmgr"
+    path: LocalPath = ".trustmgr"
 
 
 class StateStoreConfig(Model):
@@ -65,14 +65,14 @@ class IstioSettings(Model):
 
 
 class DirectoryTargetConfig(Model):
-    path: str
+    path: LocalPath
 
 
 class KubernetesTargetConfig(Model):
     """A cluster's API: a kubeconfig context (``$KUBECONFIG`` or ~/.kube/config and
     its current context by default) or the pod's service account."""
 
-    kubeconfig: str | None = None
+    kubeconfig: LocalPath | None = None
     context: str | None = None
     in_cluster: bool = False
     namespace: str = Field(default="istio-system", pattern=_DNS_LABEL)
@@ -124,9 +124,9 @@ class IntermediatesConfig(Model):
 class SpiffeBundleSource(Model):
     """Where an external mesh publishes its SPIFFE trust bundle (JWKS)."""
 
-    file: str | None = None
+    file: LocalPath | None = None
     url: str | None = Field(default=None, pattern=r"^https://")
-    ca_file: str | None = None
+    ca_file: LocalPath | None = None
     """CA bundle to verify the URL's server with; the system's by default."""
 
     @model_validator(mode="after")
@@ -427,8 +427,10 @@ def _reference_problems(data: Any) -> list[_Problem]:
                 )
             seen_clusters.setdefault(cluster_name, mesh_name)
             directory = cluster.get("directory") if isinstance(cluster, dict) else None
-            if isinstance(directory, dict) and isinstance(directory.get("path"), str):
-                path = str(Path(directory["path"]).expanduser().resolve())
+            written = directory.get("path") if isinstance(directory, dict) else None
+            # A path the schema refuses is reported there; resolving it could raise.
+            if isinstance(written, str) and written.strip() and "\0" not in written:
+                path = str(Path(written).expanduser().resolve())
                 if path in seen_paths:
                     problems.append(
                         _Problem(
@@ -519,9 +521,21 @@ def _format(problem: _Problem, lines: dict[Loc, int]) -> str:
 
 def load(path: Path) -> Config:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(str(path), ["no such file; create one with `trustmgr init`"]) from None
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise ConfigError(
+            str(path),
+            [
+                f"{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} in column {column}); "
+                "save the file as UTF-8"
+            ],
+        ) from None
     return parse(text, str(path))

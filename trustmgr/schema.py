@@ -1,5 +1,6 @@
 """The configuration's building blocks, shared by the core and the providers:
-a strict camelCase model and Go-style durations. Imports nothing of trustmgr."""
+a strict camelCase model, Go-style durations and the string types that need
+more than ``str``. Imports nothing of trustmgr."""
 
 from __future__ import annotations
 
@@ -45,6 +46,19 @@ def _positive(value: timedelta) -> timedelta:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
+
+
+def _local_path(value: str) -> str:
+    # The OS refuses a NUL in a path only when it is used, mid-run.
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character (\\0); remove it")
+    if not value.strip():
+        raise ValueError("a path cannot be empty")
+    return value
+
+
+LocalPath = Annotated[str, AfterValidator(_local_path)]
+"""A file or directory of the machine trustmgr runs on; relative to the working directory."""
 
 
 class Model(BaseModel):
