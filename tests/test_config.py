@@ -229,3 +229,47 @@ def test_an_empty_path_is_refused() -> None:
     assert problems(BASE.replace("{path: out/web-1}", "{path: ''}")) == [
         "trustmgr.yaml:10: meshes.web.clusters.web-1.directory.path: a path cannot be empty"
     ]
+
+
+# --- long cluster names ------------------------------------------------------
+
+
+def test_a_63_character_cluster_name_bootstraps_and_verifies(workdir: Path) -> None:
+    name = "c" * 63
+    (workdir / "trustmgr.yaml").write_text(BASE.replace("web-1", name))
+    run = trustmgr("bootstrap")
+    assert run.code == 0, run.err
+    assert trustmgr("verify").code == 0
+
+
+def test_the_cluster_ca_common_name_fits_x509() -> None:
+    from cryptography.x509.oid import NameOID
+
+    from trustmgr.pki import cluster_ca_request
+    from trustmgr.providers.keys import KeyAlgorithm
+
+    def cn(cluster: str) -> str:
+        request = cluster_ca_request(
+            "t.example", cluster=cluster, algorithm=KeyAlgorithm.ECDSA_P256
+        )
+        (attribute,) = request.csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(attribute.value)
+
+    assert cn("web-1") == "web-1 cluster CA"
+    assert cn("c" * 53) == "c" * 53 + " cluster CA"
+    assert cn("c" * 54) == "c" * 54
+    assert cn("c" * 63) == "c" * 63
+
+
+def test_a_trust_domain_too_long_for_the_subject_stays_in_the_san() -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from trustmgr.pki import cluster_ca_request
+    from trustmgr.providers.keys import KeyAlgorithm
+
+    domain = "d" * 60 + ".example"
+    request = cluster_ca_request(domain, cluster="c", algorithm=KeyAlgorithm.ECDSA_P256)
+    assert not request.csr.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    san = request.csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"spiffe://{domain}"]
