@@ -12,14 +12,14 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Duration, LocalPath, Model
+from trustmgr.schema import Country, Duration, LocalPath, Model, NameValue
 
 
 class Subject(Model):
-    common_name: str = "trustmgr Root CA"
-    organization: str | None = None
-    organizational_unit: str | None = None
-    country: str | None = Field(default=None, min_length=2, max_length=2)
+    common_name: NameValue = "trustmgr Root CA"
+    organization: NameValue | None = None
+    organizational_unit: NameValue | None = None
+    country: Country | None = None
 
 
 class SelfSignedConfig(Model):

@@ -206,6 +206,12 @@ CASES = [
         edit("{path: out/web-1}", '{path: "out/web-1\\0"}'),
     ),
     Case(
+        "root-common-name-too-long",
+        "trustmgr.yaml:4: providers.corp.selfSigned.subject.commonName: must be at most 64 bytes",
+        2,
+        edit("{passphraseEnv:", "{subject: {commonName: " + "n" * 65 + "}, passphraseEnv:"),
+    ),
+    Case(
         "cluster-in-two-meshes",
         "cluster 'web-1' is also in mesh 'web'",
         2,

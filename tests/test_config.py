@@ -273,3 +273,54 @@ def test_a_trust_domain_too_long_for_the_subject_stays_in_the_san() -> None:
     assert not request.csr.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     san = request.csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"spiffe://{domain}"]
+
+
+# --- the self-signed root's subject ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subject", "expect"),
+    [
+        ("{commonName: " + "n" * 65 + "}", "subject.commonName: must be at most 64 bytes"),
+        ("{commonName: " + "é" * 33 + "}", "subject.commonName: must be at most 64 bytes"),
+        ("{commonName: ''}", "subject.commonName: must not be empty"),
+        ("{organization: " + "o" * 65 + "}", "subject.organization: must be at most 64 bytes"),
+        (
+            "{organizationalUnit: " + "u" * 65 + "}",
+            "subject.organizationalUnit: must be at most 64 bytes",
+        ),
+        ("{country: ÄÖ}", "subject.country: must be two ASCII letters"),
+        ("{country: U1}", "subject.country: must be two ASCII letters"),
+        ("{country: USA}", "subject.country: must be two ASCII letters"),
+    ],
+)
+def test_a_root_subject_x509_cannot_hold_is_refused(
+    subject: str, expect: str, workdir: Path
+) -> None:
+    text = BASE.replace(
+        "{passphraseEnv: TRUSTMGR_PASSPHRASE}",
+        "\n      passphraseEnv: TRUSTMGR_PASSPHRASE\n      subject: " + subject,
+    )
+    assert refused(text).startswith(
+        f"trustmgr: trustmgr.yaml:6: providers.corp.selfSigned.{expect}"
+    )
+
+
+def test_cluster_ca_organization_must_fit_x509() -> None:
+    text = BASE + "intermediates: {organization: " + "o" * 65 + "}\n"
+    assert problems(text) == [
+        "trustmgr.yaml:11: intermediates.organization: must be at most 64 bytes in UTF-8 "
+        "(the X.509 limit)"
+    ]
+
+
+def test_a_root_subject_at_the_limits_bootstraps(workdir: Path) -> None:
+    text = BASE.replace(
+        "{passphraseEnv: TRUSTMGR_PASSPHRASE}",
+        "\n      passphraseEnv: TRUSTMGR_PASSPHRASE\n"
+        f"      subject: {{commonName: {'n' * 64}, organization: {'o' * 64}, "
+        f"organizationalUnit: {'u' * 64}, country: de}}",
+    )
+    (workdir / "trustmgr.yaml").write_text(text)
+    assert trustmgr("bootstrap").code == 0
+    assert trustmgr("verify").code == 0

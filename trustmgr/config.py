@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 from trustmgr.errors import ConfigError
 from trustmgr.providers.config import ProviderConfig
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Duration, LocalPath, Model
+from trustmgr.schema import Duration, LocalPath, Model, NameValue
 
 DEFAULT_CONFIG = "trustmgr.yaml"
 
@@ -112,7 +112,7 @@ class IntermediatesConfig(Model):
     key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256
     ttl: Duration = timedelta(hours=720)
     renew_before: Duration = timedelta(hours=240)
-    organization: str | None = None
+    organization: NameValue | None = None
 
     @model_validator(mode="after")
     def _renew_inside_ttl(self) -> IntermediatesConfig:

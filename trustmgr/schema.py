@@ -61,6 +61,28 @@ LocalPath = Annotated[str, AfterValidator(_local_path)]
 """A file or directory of the machine trustmgr runs on; relative to the working directory."""
 
 
+def _name_value(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value.encode()) > 64:
+        raise ValueError("must be at most 64 bytes in UTF-8 (the X.509 limit)")
+    return value
+
+
+NameValue = Annotated[str, AfterValidator(_name_value)]
+"""A commonName, organization or organizationalUnit of a certificate subject:
+RFC 5280 bounds each at 64; counted in UTF-8 bytes, as cryptography does."""
+
+
+def _country(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z]{2}", value):
+        raise ValueError("must be two ASCII letters, an ISO 3166 code such as DE")
+    return value
+
+
+Country = Annotated[str, AfterValidator(_country)]
+
+
 class Model(BaseModel):
     """Strict, immutable, camelCase model: unknown keys are errors."""
 
