@@ -12,7 +12,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Country, Duration, LocalPath, Model, NameValue
+from trustmgr.schema import CA_LIFETIME_FLOOR, Country, Duration, LocalPath, Model, NameValue
 
 
 class Subject(Model):
@@ -162,7 +162,7 @@ class VaultConfig(Model):
     tls_skip_verify: bool = False
     mount: VaultPath = "pki"
     issuer: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
-    ttl: Duration | None = None
+    ttl: Annotated[Duration, CA_LIFETIME_FLOOR] | None = None
     timeout: Duration = timedelta(seconds=30)
     max_retries: int = Field(default=2, ge=0, le=10)
     auth: VaultAuth = VaultAuth(token=VaultTokenAuth())

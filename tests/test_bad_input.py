@@ -212,6 +212,12 @@ CASES = [
         edit("{passphraseEnv:", "{subject: {commonName: " + "n" * 65 + "}, passphraseEnv:"),
     ),
     Case(
+        "ttl-of-seconds",
+        "intermediates.ttl: must be at least 1h",
+        2,
+        edit("federations:", "intermediates: {ttl: 90s}\nfederations:"),
+    ),
+    Case(
         "cluster-in-two-meshes",
         "cluster 'web-1' is also in mesh 'web'",
         2,

@@ -324,3 +324,77 @@ def test_a_root_subject_at_the_limits_bootstraps(workdir: Path) -> None:
     (workdir / "trustmgr.yaml").write_text(text)
     assert trustmgr("bootstrap").code == 0
     assert trustmgr("verify").code == 0
+
+
+# --- lifetimes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (
+            "intermediates: {ttl: 30s, renewBefore: 10s}",
+            [
+                "trustmgr.yaml:11: intermediates.renewBefore: must be at least 5m",
+                "trustmgr.yaml:11: intermediates.ttl: must be at least 1h",
+            ],
+        ),
+        ("intermediates: {ttl: 59m, renewBefore: 5m}", ["intermediates.ttl: must be at least 1h"]),
+        (
+            "intermediates: {ttl: 1h, renewBefore: 4m59s}",
+            ["intermediates.renewBefore: must be at least 5m"],
+        ),
+        (
+            "intermediates: {ttl: 2h, renewBefore: 2h}",
+            ["intermediates: renewBefore must be shorter than ttl"],
+        ),
+    ],
+)
+def test_cluster_ca_lifetimes_have_floors(extra: str, expect: list[str]) -> None:
+    lines = problems(BASE + extra + "\n")
+    assert len(lines) == len(expect)
+    for line, part in zip(lines, expect, strict=True):
+        assert part in line
+
+
+def test_floors_are_inclusive() -> None:
+    assert problems(BASE + "intermediates: {ttl: 1h, renewBefore: 5m}\n") == []
+    root = BASE.replace("{passphraseEnv", "{ttl: 24h, passphraseEnv")
+    assert problems(root) == []
+
+
+def test_a_mesh_override_has_the_same_floors() -> None:
+    text = BASE.replace(
+        "    provider: corp\n", "    provider: corp\n    intermediates: {ttl: 10m}\n"
+    )
+    assert problems(text) == [
+        "trustmgr.yaml:9: meshes.web.intermediates.ttl: must be at least 1h, "
+        "so that a cluster CA outlives the runs that renew it"
+    ]
+
+
+def test_a_self_signed_root_lives_at_least_a_day() -> None:
+    text = BASE.replace("{passphraseEnv", "{ttl: 23h, passphraseEnv")
+    assert problems(text) == [
+        "trustmgr.yaml:4: providers.corp.selfSigned.ttl: must be at least 24h: "
+        "a root is replaced by a rotation, which takes longer than that"
+    ]
+
+
+def test_a_vault_ttl_ceiling_has_a_floor_and_exceeds_renew_before() -> None:
+    assert (
+        "providers.v.vault.ttl: must be at least 1h"
+        in problems(VAULT.replace("auth:", "ttl: 30m\n      auth:"))[0]
+    )
+    assert problems(VAULT.replace("auth:", "ttl: 240h\n      auth:")) == [
+        "trustmgr.yaml:5: providers.v.vault.ttl: 240h caps the cluster CAs of mesh 'web' at "
+        "no more than their renewBefore (240h), so they would be renewed on every run: "
+        "raise ttl or lower renewBefore"
+    ]
+    assert problems(VAULT.replace("auth:", "ttl: 241h\n      auth:")) == []
+    shorter = (
+        VAULT.replace("auth:", "ttl: 24h\n      auth:") + "intermediates: {renewBefore: 12h}\n"
+    )
+    assert problems(shorter) == []
+    own = shorter.replace("    provider: v\n", "    provider: v\n    intermediates: {}\n")
+    assert "caps the cluster CAs of mesh 'web'" in problems(own)[0]

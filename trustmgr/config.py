@@ -16,7 +16,16 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 from trustmgr.errors import ConfigError
 from trustmgr.providers.config import ProviderConfig
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Duration, LocalPath, Model, NameValue
+from trustmgr.schema import (
+    CA_LIFETIME_FLOOR,
+    Duration,
+    LocalPath,
+    Model,
+    NameValue,
+    at_least,
+    format_duration,
+    parse_duration,
+)
 
 DEFAULT_CONFIG = "trustmgr.yaml"
 
@@ -110,8 +119,13 @@ class IntermediatesConfig(Model):
     """How cluster CAs are made."""
 
     key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256
-    ttl: Duration = timedelta(hours=720)
-    renew_before: Duration = timedelta(hours=240)
+    ttl: Annotated[Duration, CA_LIFETIME_FLOOR] = timedelta(hours=720)
+    renew_before: Annotated[
+        Duration,
+        at_least(
+            timedelta(minutes=5), "so that a renewal has time to finish before the CA expires"
+        ),
+    ] = timedelta(hours=240)
     organization: NameValue | None = None
 
     @model_validator(mode="after")
@@ -459,6 +473,71 @@ def _reference_problems(data: Any) -> list[_Problem]:
     return problems
 
 
+ROOT_LIFETIME_FLOOR = timedelta(hours=24)
+
+
+def _lifetime_problems(data: dict[Any, Any]) -> list[_Problem]:
+    """Lifetimes that are each valid but would not converge in this file: a root
+    too short to be rotated, and a Vault ceiling that cuts cluster CAs to within
+    their renewBefore, so that every run would renew them."""
+    problems: list[_Problem] = []
+    providers, meshes = data.get("providers"), data.get("meshes")
+    if not isinstance(providers, dict) or not isinstance(meshes, dict):
+        return problems
+    for name, provider in providers.items():
+        if not isinstance(provider, dict):
+            continue
+        root = provider.get("selfSigned")
+        ttl = _duration(root.get("ttl")) if isinstance(root, dict) else None
+        if ttl is not None and ttl < ROOT_LIFETIME_FLOOR:
+            problems.append(
+                _Problem(
+                    ("providers", name, "selfSigned", "ttl"),
+                    f"must be at least {format_duration(ROOT_LIFETIME_FLOOR)}: a root is "
+                    "replaced by a rotation, which takes longer than that",
+                )
+            )
+        vault = provider.get("vault")
+        ceiling = _duration(vault.get("ttl")) if isinstance(vault, dict) else None
+        if ceiling is None:
+            continue
+        for mesh_name, mesh in meshes.items():
+            if not isinstance(mesh, dict) or mesh.get("provider") != name:
+                continue
+            own = mesh.get("intermediates")
+            renew = _renew_before(data.get("intermediates") if own is None else own)
+            if renew is not None and ceiling <= renew:
+                problems.append(
+                    _Problem(
+                        ("providers", name, "vault", "ttl"),
+                        f"{format_duration(ceiling)} caps the cluster CAs of mesh {mesh_name!r} "
+                        f"at no more than their renewBefore ({format_duration(renew)}), so they "
+                        "would be renewed on every run: raise ttl or lower renewBefore",
+                    )
+                )
+    return problems
+
+
+def _duration(value: Any) -> timedelta | None:
+    """A duration as written, or None where the schema reports it."""
+    try:
+        return parse_duration(value)
+    except ValueError:
+        return None
+
+
+def _renew_before(intermediates: Any) -> timedelta | None:
+    if intermediates is None:
+        intermediates = {}
+    if not isinstance(intermediates, dict):
+        return None
+    if "renewBefore" not in intermediates:
+        default = IntermediatesConfig.model_fields["renew_before"].default
+        assert isinstance(default, timedelta)
+        return default
+    return _duration(intermediates["renewBefore"])
+
+
 def _pydantic_problems(exc: ValidationError) -> list[_Problem]:
     problems = []
     for error in exc.errors(include_url=False):
@@ -499,7 +578,7 @@ def parse(text: str, source: str) -> Config:
         raise ConfigError(source, ["the file must hold a mapping with providers and meshes"])
     assert graph is not None
     lines = graph.lines
-    problems = graph.duplicates + _reference_problems(data)
+    problems = graph.duplicates + _reference_problems(data) + _lifetime_problems(data)
     config: Config | None = None
     try:
         config = Config.model_validate(data)

@@ -48,6 +48,31 @@ def _positive(value: timedelta) -> timedelta:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 
+def format_duration(value: timedelta) -> str:
+    """A duration as it would be written in the configuration: ``24h``, ``1h30m``, ``90s``."""
+    hours, rest = divmod(int(value.total_seconds()), 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (seconds, "s")) if n)
+    return text or f"{value.total_seconds() * 1000:g}ms"
+
+
+def at_least(minimum: timedelta, why: str) -> AfterValidator:
+    """A floor for a Duration; ``why`` finishes the sentence "must be at least X, ..."."""
+
+    def check(value: timedelta) -> timedelta:
+        if value < minimum:
+            raise ValueError(f"must be at least {format_duration(minimum)}, {why}")
+        return value
+
+    return AfterValidator(check)
+
+
+CA_LIFETIME_FLOOR = at_least(
+    timedelta(hours=1), "so that a cluster CA outlives the runs that renew it"
+)
+"""The shortest lifetime a cluster CA may be given, by any setting that decides it."""
+
+
 def _local_path(value: str) -> str:
     # The OS refuses a NUL in a path only when it is used, mid-run.
     if "\0" in value:
