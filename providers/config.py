@@ -12,7 +12,15 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import CA_LIFETIME_FLOOR, Country, Duration, LocalPath, Model, NameValue
+from trustmgr.schema import (
+    CA_LIFETIME_FLOOR,
+    Country,
+    Duration,
+    EnvName,
+    LocalPath,
+    Model,
+    NameValue,
+)
 
 
 class Subject(Model):
@@ -28,7 +36,7 @@ class SelfSignedConfig(Model):
     key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256
     ttl: Duration = timedelta(days=3650)
     subject: Subject = Subject()
-    passphrase_env: str | None = None
+    passphrase_env: EnvName | None = None
     passphrase_file: LocalPath | None = None
 
     @model_validator(mode="after")
@@ -68,7 +76,7 @@ class VaultTokenAuth(Model):
     current by Vault Agent is followed; a token cannot log in again by itself.
     """
 
-    env: str | None = None
+    env: EnvName | None = None
     file: LocalPath | None = None
 
     @model_validator(mode="after")
@@ -90,9 +98,9 @@ class VaultAppRoleAuth(Model):
     mount: VaultPath = "approle"
     role_id: str | None = None
     role_id_file: LocalPath | None = None
-    role_id_env: str | None = None
+    role_id_env: EnvName | None = None
     secret_id_file: LocalPath | None = None
-    secret_id_env: str | None = None
+    secret_id_env: EnvName | None = None
 
     @model_validator(mode="after")
     def _one_source_each(self) -> VaultAppRoleAuth:
@@ -122,7 +130,7 @@ class VaultJwtAuth(Model):
     role: str = Field(min_length=1)
     mount: VaultPath = "jwt"
     jwt_file: LocalPath | None = None
-    jwt_env: str | None = None
+    jwt_env: EnvName | None = None
 
     @model_validator(mode="after")
     def _one_jwt_source(self) -> VaultJwtAuth:

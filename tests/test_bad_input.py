@@ -206,6 +206,12 @@ CASES = [
         edit("{path: out/web-1}", '{path: "out/web-1\\0"}'),
     ),
     Case(
+        "passphrase-instead-of-its-variable",
+        "providers.corp.selfSigned.passphraseEnv: must be the name of an environment variable",
+        2,
+        edit("passphraseEnv: TRUSTMGR_PASSPHRASE", f"passphraseEnv: {PASSPHRASE}"),
+    ),
+    Case(
         "root-common-name-too-long",
         "trustmgr.yaml:4: providers.corp.selfSigned.subject.commonName: must be at most 64 bytes",
         2,

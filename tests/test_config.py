@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import snapshot, trustmgr
 from trustmgr.config import parse
 from trustmgr.errors import ConfigError
+from trustmgr.providers.base import ProviderNeedsFixError, read_secret
 
 SECRET = "correct horse battery staple"
 
@@ -398,3 +399,54 @@ def test_a_vault_ttl_ceiling_has_a_floor_and_exceeds_renew_before() -> None:
     assert problems(shorter) == []
     own = shorter.replace("    provider: v\n", "    provider: v\n    intermediates: {}\n")
     assert "caps the cluster CAs of mesh 'web'" in problems(own)[0]
+
+
+# --- secrets never appear in messages ----------------------------------------
+
+ENV_FIELDS = [
+    (BASE, "passphraseEnv: TRUSTMGR_PASSPHRASE", f"passphraseEnv: {SECRET}"),
+    (VAULT, "env: VAULT_TOKEN", f"env: {SECRET}"),
+    (
+        VAULT,
+        "{token: {env: VAULT_TOKEN}}",
+        f"{{appRole: {{roleIdEnv: '{SECRET}', secretIdEnv: S}}}}",
+    ),
+    (VAULT, "{token: {env: VAULT_TOKEN}}", f"{{appRole: {{roleId: r, secretIdEnv: '{SECRET}'}}}}"),
+    (VAULT, "{token: {env: VAULT_TOKEN}}", f"{{jwt: {{role: r, jwtEnv: '{SECRET}'}}}}"),
+]
+
+
+@pytest.mark.parametrize(("base", "old", "new"), ENV_FIELDS)
+def test_a_secret_written_where_a_variable_name_belongs_is_never_shown(
+    base: str, old: str, new: str, workdir: Path
+) -> None:
+    text = base.replace(old, new)
+    (workdir / "trustmgr.yaml").write_text(text)
+    for command in ("validate", "bootstrap"):
+        run = trustmgr(command)
+        assert run.code == 2, run.err
+        assert "must be the name of an environment variable" in run.err
+        assert "Traceback" not in run.err
+        for part in SECRET.split():
+            assert part not in run.out + run.err
+
+
+def test_read_secret_shows_neither_a_missing_path_nor_a_malformed_name(
+    workdir: Path,
+) -> None:
+    for kwargs in ({"file": SECRET}, {"env": SECRET}, {"file": "a\0" + SECRET}):
+        with pytest.raises(ProviderNeedsFixError) as caught:
+            read_secret("provider corp: root key passphrase", **kwargs)
+        assert SECRET not in str(caught.value)
+        assert str(caught.value).startswith("provider corp: root key passphrase: ")
+
+
+def test_read_secret_names_a_file_that_exists(workdir: Path) -> None:
+    (workdir / "empty").write_text("\n")
+    (workdir / "binary").write_bytes(b"\xff\xfe")
+    with pytest.raises(ProviderNeedsFixError, match=r"^s: empty is empty$"):
+        read_secret("s", file="empty")
+    with pytest.raises(ProviderNeedsFixError, match=r"^s: binary is not UTF-8 text$"):
+        read_secret("s", file="binary")
+    with pytest.raises(ProviderNeedsFixError, match=r"^s: cannot read \.: Is a directory$"):
+        read_secret("s", file=".")

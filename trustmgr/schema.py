@@ -86,6 +86,20 @@ LocalPath = Annotated[str, AfterValidator(_local_path)]
 """A file or directory of the machine trustmgr runs on; relative to the working directory."""
 
 
+def _env_name(value: str) -> str:
+    # Never repeats the value: it may be the secret itself, written where its name belongs.
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError(
+            "must be the name of an environment variable (letters, digits and _, "
+            "not starting with a digit), not its value"
+        )
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+"""The name of an environment variable that holds a secret."""
+
+
 def _name_value(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
