@@ -18,6 +18,7 @@ from trustmgr.providers.config import ProviderConfig
 from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.schema import (
     CA_LIFETIME_FLOOR,
+    MIN_CA_LIFETIME,
     Duration,
     LocalPath,
     Model,
@@ -489,7 +490,7 @@ def _lifetime_problems(data: dict[Any, Any]) -> list[_Problem]:
             continue
         root = provider.get("selfSigned")
         ttl = _duration(root.get("ttl")) if isinstance(root, dict) else None
-        if ttl is not None and ttl < ROOT_LIFETIME_FLOOR:
+        if ttl is not None and timedelta(0) < ttl < ROOT_LIFETIME_FLOOR:
             problems.append(
                 _Problem(
                     ("providers", name, "selfSigned", "ttl"),
@@ -499,7 +500,7 @@ def _lifetime_problems(data: dict[Any, Any]) -> list[_Problem]:
             )
         vault = provider.get("vault")
         ceiling = _duration(vault.get("ttl")) if isinstance(vault, dict) else None
-        if ceiling is None:
+        if ceiling is None or ceiling < MIN_CA_LIFETIME:  # the schema says so
             continue
         for mesh_name, mesh in meshes.items():
             if not isinstance(mesh, dict) or mesh.get("provider") != name:

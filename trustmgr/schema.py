@@ -67,10 +67,11 @@ def at_least(minimum: timedelta, why: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-CA_LIFETIME_FLOOR = at_least(
-    timedelta(hours=1), "so that a cluster CA outlives the runs that renew it"
-)
+MIN_CA_LIFETIME = timedelta(hours=1)
 """The shortest lifetime a cluster CA may be given, by any setting that decides it."""
+CA_LIFETIME_FLOOR = at_least(
+    MIN_CA_LIFETIME, "so that a cluster CA outlives the runs that renew it"
+)
 
 
 def _local_path(value: str) -> str:
