@@ -11,7 +11,9 @@ Messages never carry tokens, keys or passphrases.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -104,21 +106,40 @@ class BlobStore(Protocol):
 
 def read_secret(source: str, *, env: str | None = None, file: str | None = None) -> str:
     """The value of environment variable ``env``, or the content of ``file``
-    without surrounding whitespace. ``source`` names what is read, for messages;
-    the value itself never appears in one."""
+    without surrounding whitespace. ``source`` names what is read, for messages.
+
+    A message never holds the value, nor anything that could be the secret
+    written where its name or path belongs: a variable is named only if its
+    name is well formed, a file only once it is known to exist."""
     if file:
         path = Path(file).expanduser()
         try:
             value = path.read_text().strip()
+        except UnicodeDecodeError:
+            raise ProviderNeedsFixError(f"{source}: {path} is not UTF-8 text") from None
         except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                raise ProviderNeedsFixError(f"{source}: {_NO_FILE}") from None
             raise ProviderNeedsFixError(
                 f"{source}: cannot read {path}: {exc.strerror or 'unreadable'}"
             ) from None
+        except ValueError:  # a NUL in the path
+            raise ProviderNeedsFixError(f"{source}: {_NO_FILE}") from None
         if not value:
             raise ProviderNeedsFixError(f"{source}: {path} is empty")
         return value
-    assert env is not None
+    if env is None or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+        raise ProviderNeedsFixError(
+            f"{source}: the environment variable is not a valid name; "
+            "write the variable's name in the configuration, not its value"
+        )
     value = os.environ.get(env, "")
     if not value.strip():
         raise ProviderNeedsFixError(f"{source}: environment variable {env} is empty or unset")
     return value
+
+
+_NO_FILE = (
+    "no file at the configured path; check it (the path is not shown, "
+    "in case it is the secret itself)"
+)

@@ -12,14 +12,22 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Duration, Model
+from trustmgr.schema import (
+    CA_LIFETIME_FLOOR,
+    Country,
+    Duration,
+    EnvName,
+    LocalPath,
+    Model,
+    NameValue,
+)
 
 
 class Subject(Model):
-    common_name: str = "trustmgr Root CA"
-    organization: str | None = None
-    organizational_unit: str | None = None
-    country: str | None = Field(default=None, min_length=2, max_length=2)
+    common_name: NameValue = "trustmgr Root CA"
+    organization: NameValue | None = None
+    organizational_unit: NameValue | None = None
+    country: Country | None = None
 
 
 class SelfSignedConfig(Model):
@@ -28,8 +36,8 @@ class SelfSignedConfig(Model):
     key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256
     ttl: Duration = timedelta(days=3650)
     subject: Subject = Subject()
-    passphrase_env: str | None = None
-    passphrase_file: str | None = None
+    passphrase_env: EnvName | None = None
+    passphrase_file: LocalPath | None = None
 
     @model_validator(mode="after")
     def _one_passphrase_source(self) -> SelfSignedConfig:
@@ -68,8 +76,8 @@ class VaultTokenAuth(Model):
     current by Vault Agent is followed; a token cannot log in again by itself.
     """
 
-    env: str | None = None
-    file: str | None = None
+    env: EnvName | None = None
+    file: LocalPath | None = None
 
     @model_validator(mode="after")
     def _at_most_one_source(self) -> VaultTokenAuth:
@@ -89,10 +97,10 @@ class VaultAppRoleAuth(Model):
 
     mount: VaultPath = "approle"
     role_id: str | None = None
-    role_id_file: str | None = None
-    role_id_env: str | None = None
-    secret_id_file: str | None = None
-    secret_id_env: str | None = None
+    role_id_file: LocalPath | None = None
+    role_id_env: EnvName | None = None
+    secret_id_file: LocalPath | None = None
+    secret_id_env: EnvName | None = None
 
     @model_validator(mode="after")
     def _one_source_each(self) -> VaultAppRoleAuth:
@@ -113,7 +121,7 @@ class VaultKubernetesAuth(Model):
 
     role: str = Field(min_length=1)
     mount: VaultPath = "kubernetes"
-    token_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    token_path: LocalPath = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
 class VaultJwtAuth(Model):
@@ -121,8 +129,8 @@ class VaultJwtAuth(Model):
 
     role: str = Field(min_length=1)
     mount: VaultPath = "jwt"
-    jwt_file: str | None = None
-    jwt_env: str | None = None
+    jwt_file: LocalPath | None = None
+    jwt_env: EnvName | None = None
 
     @model_validator(mode="after")
     def _one_jwt_source(self) -> VaultJwtAuth:
@@ -158,11 +166,11 @@ class VaultConfig(Model):
 
     address: Annotated[str, AfterValidator(_vault_address)]
     namespace: str | None = None
-    ca_cert: str | None = None
+    ca_cert: LocalPath | None = None
     tls_skip_verify: bool = False
     mount: VaultPath = "pki"
     issuer: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
-    ttl: Duration | None = None
+    ttl: Annotated[Duration, CA_LIFETIME_FLOOR] | None = None
     timeout: Duration = timedelta(seconds=30)
     max_retries: int = Field(default=2, ge=0, le=10)
     auth: VaultAuth = VaultAuth(token=VaultTokenAuth())

@@ -59,6 +59,12 @@ def new_cluster(workdir: Path) -> None:
     )(workdir)
 
 
+BOMB = "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}' if p else '0'] * 9)}]\n"
+    for p, n in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
+)
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -189,6 +195,57 @@ CASES = [
         "renewBefore must be shorter than ttl",
         2,
         edit("federations:", "intermediates: {ttl: 24h, renewBefore: 48h}\nfederations:"),
+    ),
+    Case(
+        "duplicate-key",
+        "trustmgr.yaml:11: meshes.web.clusters.web-1: duplicate key 'web-1' (also on line 10)",
+        2,
+        edit(
+            "      web-1: {directory: {path: out/web-1}}",
+            "      web-1: {directory: {path: out/web-1}}\n      web-1: {directory: {path: out/x}}",
+        ),
+    ),
+    Case(
+        "alias-bomb",
+        "(at most 10,000 here); use fewer aliases",
+        2,
+        edit("federations:", BOMB + "federations:"),
+    ),
+    Case(
+        "recursive-alias",
+        "trustmgr.yaml:16: a[0]: this alias refers to a value that contains it",
+        2,
+        edit("federations:", "a: &a [*a]\nfederations:"),
+    ),
+    Case(
+        "not-utf8",
+        "trustmgr.yaml:7: not UTF-8 text (byte 0xe9 in column 19); save the file as UTF-8",
+        2,
+        write("trustmgr.yaml", BASE.encode().replace(b"web.ex", b"w\xe9b.ex")),
+    ),
+    Case(
+        "nul-in-path",
+        "trustmgr.yaml:10: meshes.web.clusters.web-1.directory.path: a path cannot hold a NUL",
+        2,
+        edit("{path: out/web-1}", '{path: "out/web-1\\0"}'),
+    ),
+    Case(
+        "passphrase-instead-of-its-variable",
+        "providers.corp.selfSigned.passphraseEnv: must be the name of an environment variable",
+        2,
+        edit("passphraseEnv: TRUSTMGR_PASSPHRASE", f"passphraseEnv: {PASSPHRASE}"),
+    ),
+    Case(
+        "root-common-name-too-long",
+        "trustmgr.yaml:4: providers.corp.selfSigned.subject.commonName: must be at most 64 bytes",
+        2,
+        edit("{passphraseEnv:", "{subject: {commonName: " + "n" * 65 + "}, passphraseEnv:"),
+    ),
+    Case(
+        "ttl-of-seconds",
+        "intermediates.ttl: must be at least 1h",
+        2,
+        edit("federations:", "intermediates: {ttl: 90s}\nfederations:"),
     ),
     Case(
         "cluster-in-two-meshes",

@@ -16,7 +16,18 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 from trustmgr.errors import ConfigError
 from trustmgr.providers.config import ProviderConfig
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.schema import Duration, Model, NonNegativeDuration
+from trustmgr.schema import (
+    CA_LIFETIME_FLOOR,
+    MIN_CA_LIFETIME,
+    Duration,
+    LocalPath,
+    Model,
+    NameValue,
+    NonNegativeDuration,
+    at_least,
+    format_duration,
+    parse_duration,
+)
 
 DEFAULT_CONFIG = "trustmgr.yaml"
 
@@ -45,7 +56,7 @@ TrustDomain = Annotated[str, AfterValidator(_trust_domain)]
 
 
 class FileStateStoreConfig(Model):
-    path: str = ".trustmgr"
+    path: LocalPath = ".trustmgr"
 
 
 class StateStoreConfig(Model):
@@ -65,14 +76,14 @@ class IstioSettings(Model):
 
 
 class DirectoryTargetConfig(Model):
-    path: str
+    path: LocalPath
 
 
 class KubernetesTargetConfig(Model):
     """A cluster's API: a kubeconfig context (``$KUBECONFIG`` or ~/.kube/config and
     its current context by default) or the pod's service account."""
 
-    kubeconfig: str | None = None
+    kubeconfig: LocalPath | None = None
     context: str | None = None
     in_cluster: bool = False
     namespace: str = Field(default="istio-system", pattern=_DNS_LABEL)
@@ -110,9 +121,14 @@ class IntermediatesConfig(Model):
     """How cluster CAs are made."""
 
     key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256
-    ttl: Duration = timedelta(hours=720)
-    renew_before: Duration = timedelta(hours=240)
-    organization: str | None = None
+    ttl: Annotated[Duration, CA_LIFETIME_FLOOR] = timedelta(hours=720)
+    renew_before: Annotated[
+        Duration,
+        at_least(
+            timedelta(minutes=5), "so that a renewal has time to finish before the CA expires"
+        ),
+    ] = timedelta(hours=240)
+    organization: NameValue | None = None
 
     @model_validator(mode="after")
     def _renew_inside_ttl(self) -> IntermediatesConfig:
@@ -124,9 +140,9 @@ class IntermediatesConfig(Model):
 class SpiffeBundleSource(Model):
     """Where an external mesh publishes its SPIFFE trust bundle (JWKS)."""
 
-    file: str | None = None
+    file: LocalPath | None = None
     url: str | None = Field(default=None, pattern=r"^https://")
-    ca_file: str | None = None
+    ca_file: LocalPath | None = None
     """CA bundle to verify the URL's server with; the system's by default."""
 
     @model_validator(mode="after")
@@ -208,28 +224,157 @@ Loc = tuple[str | int, ...]
 
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE = "tag:yaml.org,2002:merge"
+MAX_DEPTH = 32
+"""Levels of nesting a file may have; the deepest key of the schema is at 6."""
+ALIAS_LIMIT = 10_000
+"""Values aliases may add to a file, or as many as it holds as written if that is more."""
 
 
-def _load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
-    """Parse once: the node tree (for lines) and the data built from it."""
+@dataclass(frozen=True)
+class _Problem:
+    loc: Loc
+    message: str
+    line: int | None = None
+    """Where the problem is, when the path alone does not say (a repeated key)."""
+
+
+class _Refused(Exception):
+    """The node graph cannot be turned into data at all."""
+
+    def __init__(self, problem: _Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+class _Graph:
+    """One pass over the composed node graph, before any Python object is built
+    from it: the line of every path, repeated keys, recursion, nesting, and how
+    far aliases expand.
+
+    An alias is the anchored node object itself, reached again: sizes are kept
+    per node and an alias is not entered twice, so the pass is linear in the
+    nodes written however far aliases would expand them (an alias bomb costs
+    microseconds here, and gigabytes once built)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[Loc, int] = {}
+        self.duplicates: list[_Problem] = []
+        # node -> (values once every alias is expanded, levels below); None while inside it
+        self._done: dict[int, tuple[int, int] | None] = {}
+        self._biggest_alias: tuple[int, Loc] = (0, ())
+        self._scalars = 0
+
+    def check(self, root: yaml.Node) -> None:
+        """Raise _Refused for a graph that must not be built."""
+        self.lines[()] = root.start_mark.line + 1
+        if not isinstance(root, yaml.CollectionNode):
+            return
+        expanded, _ = self._walk(root, (), 0)
+        written = len(self._done) + self._scalars
+        added, limit = expanded - written, max(ALIAS_LIMIT, written)
+        if added > limit:
+            raise self._refuse(
+                self._biggest_alias[1],
+                f"aliases add {added:,} values to this file (at most {limit:,} here); "
+                "use fewer aliases",
+            )
+
+    def _refuse(self, path: Loc, message: str) -> _Refused:
+        return _Refused(_Problem(path, message, _line_for(path, self.lines)))
+
+    def _walk(self, node: yaml.Node, path: Loc, depth: int) -> tuple[int, int]:
+        """(values once every alias is expanded, levels below) of a collection."""
+        key = id(node)
+        if key in self._done:
+            known = self._done[key]
+            if known is None:
+                raise self._refuse(
+                    path,
+                    "this alias refers to a value that contains it; "
+                    "a configuration cannot be recursive",
+                )
+            if known[0] > self._biggest_alias[0]:
+                self._biggest_alias = (known[0], path)
+        elif depth > MAX_DEPTH:
+            known = None
+        else:
+            self._done[key] = None
+            known = self._done[key] = self._children(node, path, depth + 1)
+        if known is None or depth + known[1] > MAX_DEPTH:
+            raise self._refuse(
+                path[:1], f"nested deeper than {MAX_DEPTH} levels; no configuration needs that"
+            )
+        return known
+
+    def _children(self, node: yaml.Node, path: Loc, depth: int) -> tuple[int, int]:
+        # Scalars are most of a file and can hold nothing: they are counted here
+        # without a call of their own. Written for speed: this runs on every load.
+        lines, size, height, scalars = self.lines, 1, 0, 0
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, value in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    name = key_node.value
+                    child: Loc = (*path, name)
+                    scalars += 1
+                    first = seen.get(name)
+                    if first is None:
+                        seen[name] = key_node
+                    elif first.tag == key_node.tag != _MERGE:
+                        self._duplicate(child, first, key_node)
+                else:
+                    child = (*path, "?")
+                    key_size, key_height = self._walk(key_node, child, depth)
+                    size += key_size
+                    height = max(height, key_height + 1)
+                lines[child] = key_node.start_mark.line + 1
+                if isinstance(value, yaml.ScalarNode):
+                    scalars += 1
+                else:
+                    value_size, value_height = self._walk(value, child, depth)
+                    size += value_size
+                    if value_height >= height:
+                        height = value_height + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                if isinstance(item, yaml.ScalarNode):
+                    scalars += 1
+                else:
+                    child = (*path, index)
+                    if child not in lines:
+                        lines[child] = item.start_mark.line + 1
+                    item_size, item_height = self._walk(item, child, depth)
+                    size += item_size
+                    if item_height >= height:
+                        height = item_height + 1
+        self._scalars += scalars
+        return size + scalars, (height or 1) if scalars else height
+
+    def _duplicate(self, path: Loc, first: yaml.Node, again: yaml.Node) -> None:
+        self.duplicates.append(
+            _Problem(
+                path,
+                f"duplicate key {again.value!r} (also on line {first.start_mark.line + 1}); "
+                "keep only one",
+                again.start_mark.line + 1,
+            )
+        )
+
+
+def _load_yaml(text: str) -> tuple[Any, _Graph | None]:
+    """Parse once: the data, and the graph's line map and repeated keys (which
+    YAML would otherwise resolve silently, the last one winning)."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
-        return node, (loader.construct_document(node) if node is not None else None)
+        if node is None:
+            return None, None
+        graph = _Graph()
+        graph.check(node)
+        return loader.construct_document(node), graph
     finally:
         loader.dispose()
-
-
-def _lines(node: yaml.Node, path: Loc, out: dict[Loc, int]) -> None:
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = (*path, str(key.value))
-            out[child] = key.start_mark.line + 1
-            _lines(value, child, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _lines(item, (*path, index), out)
 
 
 def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
@@ -244,12 +389,6 @@ def _dotted(loc: Loc) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
-
-
-@dataclass(frozen=True)
-class _Problem:
-    loc: Loc
-    message: str
 
 
 def _reference_problems(data: Any) -> list[_Problem]:
@@ -314,8 +453,10 @@ def _reference_problems(data: Any) -> list[_Problem]:
                 )
             seen_clusters.setdefault(cluster_name, mesh_name)
             directory = cluster.get("directory") if isinstance(cluster, dict) else None
-            if isinstance(directory, dict) and isinstance(directory.get("path"), str):
-                path = str(Path(directory["path"]).expanduser().resolve())
+            written = directory.get("path") if isinstance(directory, dict) else None
+            # A path the schema refuses is reported there; resolving it could raise.
+            if isinstance(written, str) and written.strip() and "\0" not in written:
+                path = str(Path(written).expanduser().resolve())
                 if path in seen_paths:
                     problems.append(
                         _Problem(
@@ -344,6 +485,71 @@ def _reference_problems(data: Any) -> list[_Problem]:
     return problems
 
 
+ROOT_LIFETIME_FLOOR = timedelta(hours=24)
+
+
+def _lifetime_problems(data: dict[Any, Any]) -> list[_Problem]:
+    """Lifetimes that are each valid but would not converge in this file: a root
+    too short to be rotated, and a Vault ceiling that cuts cluster CAs to within
+    their renewBefore, so that every run would renew them."""
+    problems: list[_Problem] = []
+    providers, meshes = data.get("providers"), data.get("meshes")
+    if not isinstance(providers, dict) or not isinstance(meshes, dict):
+        return problems
+    for name, provider in providers.items():
+        if not isinstance(provider, dict):
+            continue
+        root = provider.get("selfSigned")
+        ttl = _duration(root.get("ttl")) if isinstance(root, dict) else None
+        if ttl is not None and timedelta(0) < ttl < ROOT_LIFETIME_FLOOR:
+            problems.append(
+                _Problem(
+                    ("providers", name, "selfSigned", "ttl"),
+                    f"must be at least {format_duration(ROOT_LIFETIME_FLOOR)}: a root is "
+                    "replaced by a rotation, which takes longer than that",
+                )
+            )
+        vault = provider.get("vault")
+        ceiling = _duration(vault.get("ttl")) if isinstance(vault, dict) else None
+        if ceiling is None or ceiling < MIN_CA_LIFETIME:  # the schema says so
+            continue
+        for mesh_name, mesh in meshes.items():
+            if not isinstance(mesh, dict) or mesh.get("provider") != name:
+                continue
+            own = mesh.get("intermediates")
+            renew = _renew_before(data.get("intermediates") if own is None else own)
+            if renew is not None and ceiling <= renew:
+                problems.append(
+                    _Problem(
+                        ("providers", name, "vault", "ttl"),
+                        f"{format_duration(ceiling)} caps the cluster CAs of mesh {mesh_name!r} "
+                        f"at no more than their renewBefore ({format_duration(renew)}), so they "
+                        "would be renewed on every run: raise ttl or lower renewBefore",
+                    )
+                )
+    return problems
+
+
+def _duration(value: Any) -> timedelta | None:
+    """A duration as written, or None where the schema reports it."""
+    try:
+        return parse_duration(value)
+    except ValueError:
+        return None
+
+
+def _renew_before(intermediates: Any) -> timedelta | None:
+    if intermediates is None:
+        intermediates = {}
+    if not isinstance(intermediates, dict):
+        return None
+    if "renewBefore" not in intermediates:
+        default = IntermediatesConfig.model_fields["renew_before"].default
+        assert isinstance(default, timedelta)
+        return default
+    return _duration(intermediates["renewBefore"])
+
+
 def _pydantic_problems(exc: ValidationError) -> list[_Problem]:
     problems = []
     for error in exc.errors(include_url=False):
@@ -363,7 +569,17 @@ def _pydantic_problems(exc: ValidationError) -> list[_Problem]:
 def parse(text: str, source: str) -> Config:
     """Parse and validate a configuration; raise ConfigError with every problem."""
     try:
-        node, data = _load_yaml(text)
+        data, graph = _load_yaml(text)
+    except _Refused as exc:
+        raise ConfigError(source, [_format(exc.problem, {})]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(
+            source,
+            [f"{line}: the character U+{exc.character:04X} cannot appear in YAML; remove it"]
+            if isinstance(exc.character, int)
+            else [f"{line}: not valid YAML: {exc.reason}"],
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{mark.line + 1}: " if mark is not None else ""
@@ -372,30 +588,45 @@ def parse(text: str, source: str) -> Config:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must hold a mapping with providers and meshes"])
-    lines: dict[Loc, int] = {}
-    if node is not None:
-        _lines(node, (), lines)
-    problems = _reference_problems(data)
+    assert graph is not None
+    lines = graph.lines
+    problems = graph.duplicates + _reference_problems(data) + _lifetime_problems(data)
     config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems = _pydantic_problems(exc) + problems
     if problems:
-        ordered = sorted(problems, key=lambda p: (_line_for(p.loc, lines) or 0, _dotted(p.loc)))
-        raise ConfigError(
-            source,
-            [f"{_line_for(p.loc, lines) or 1}: {_dotted(p.loc)}: {p.message}" for p in ordered],
+        ordered = sorted(
+            problems, key=lambda p: (p.line or _line_for(p.loc, lines) or 0, _dotted(p.loc))
         )
+        raise ConfigError(source, [_format(p, lines) for p in ordered])
     assert config is not None
     return config
 
 
+def _format(problem: _Problem, lines: dict[Loc, int]) -> str:
+    line = problem.line or _line_for(problem.loc, lines) or 1
+    return f"{line}: {_dotted(problem.loc)}: {problem.message}"
+
+
 def load(path: Path) -> Config:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(str(path), ["no such file; create one with `trustmgr init`"]) from None
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise ConfigError(
+            str(path),
+            [
+                f"{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} in column {column}); "
+                "save the file as UTF-8"
+            ],
+        ) from None
     return parse(text, str(path))

@@ -55,10 +55,17 @@ def cluster_ca_request(
     providers which copy CSR values (Vault ``use_csr_values``, AWS CSR
     passthrough) produce the same certificate as the self-signed path."""
     key = algorithm.generate()
-    names = [x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster} cluster CA")]
+    # RFC 5280 bounds these names at 64. A cluster name is a DNS label, at most 63;
+    # a trust domain may be longer, and the SAN and the name constraint carry it anyway.
+    bound = 64
+    common_name = f"{cluster} cluster CA"
+    if len(common_name.encode()) > bound:
+        common_name = cluster
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if organization:
         names.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    names.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain))
+    if len(trust_domain.encode()) <= bound:
+        names.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain))
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name(names))
