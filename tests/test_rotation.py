@@ -316,3 +316,29 @@ def test_a_rotation_killed_at_random_moments_resumes_to_its_end(workdir: Path) -
             assert held.chain_root == new_root
         if cluster.startswith(("a-", "b-")):
             assert held.bundle.count(new_root) == 1 and len(held.bundle) == 2
+
+
+def test_exported_bundles_follow_the_phases(mesh: Path, workdir: Path) -> None:
+    def exported(mesh_name: str) -> tuple[int, set[str]]:
+        run = trustmgr("bundle", "export", "--mesh", mesh_name)
+        assert run.code == 0, run.err
+        data = json.loads(run.out)
+        from trustmgr import spiffe
+
+        bundle = spiffe.decode(run.out.encode(), source="export", now=datetime.now(UTC))
+        return data["spiffe_sequence"], {fingerprint(r) for r in bundle.roots}
+
+    first, roots = exported("a")
+    (old,) = roots
+    trustmgr("rotate", "start", "--provider", "corp")
+    new = _rotating(workdir)[0]["newRoots"][0]  # type: ignore[index]
+    assert exported("a") == (first, {old})  # prepared: nothing distributed yet
+    trustmgr("reconcile")  # trust-distributed
+    sequence, roots = exported("a")
+    assert (sequence, roots) == (first + 1, {old, new})
+    fragment = trustmgr("federation", "export", "--mesh", "b", "--multi-root").out
+    assert fragment.count("BEGIN CERTIFICATE") == 3  # b's root, a's old and new
+    for _ in range(4):
+        trustmgr("reconcile")
+    assert not _rotating(workdir)
+    assert exported("a") == (first + 2, {new})

@@ -40,13 +40,11 @@ from trustmgr.federation import Federation
 from trustmgr.observe import (
     Observation,
     Reading,
-    external_bundles,
     observe_all,
-    provider_roots,
     read_cluster,
 )
 from trustmgr.pki import ObservedCA, istiod_problems, observe
-from trustmgr.planner import Plan, Reload, change_reload, decide, federation_of
+from trustmgr.planner import Plan, Reload, change_reload, decide, federation_at
 from trustmgr.providers import RootKeeper
 from trustmgr.state.model import BundleRecord, Phase, RotationRecord
 from trustmgr.targets.base import Rollbackable
@@ -68,9 +66,10 @@ __all__ = [
 
 
 def current_federation(ws: Workspace) -> Federation:
-    """Every mesh with the roots it has now (none created)."""
-    roots = provider_roots(ws.providers)
-    return federation_of(ws.config, lambda p: roots.get(p, ()), external_bundles(ws))
+    """Every mesh with the roots its bundles hold now: during a rotation, those
+    of its phase (both roots while they are distributed); no root not yet made."""
+    observation = observe_all(ws, clusters=dict, prepare=False)
+    return federation_at(ws.config, observation, prepared=False)
 
 
 def make_plan(ws: Workspace, *, workers: int = 16, adopt: bool = False) -> Plan:

@@ -143,14 +143,15 @@ def observe_all(
     *,
     workers: int = 16,
     clusters: Callable[[], dict[str, Reading]] | None = None,
+    prepare: bool = True,
 ) -> Observation:
     """One observation of everything. ``clusters`` replaces the reading of the
-    targets (a pass that already read them)."""
+    targets; ``prepare`` False makes no root for providers that have none."""
     roots = provider_roots(ws.providers)
     prepared = {
         name: provider.prepare_root()
         for name, provider in ws.providers.items()
-        if not roots[name] and isinstance(provider, RootKeeper)
+        if prepare and not roots[name] and isinstance(provider, RootKeeper)
     }
     return Observation(
         clusters=clusters() if clusters is not None else read_clusters(ws, workers),

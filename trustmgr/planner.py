@@ -20,7 +20,7 @@ from trustmgr.federation import Federation, MeshRoots, order_bundle
 from trustmgr.observe import Observation, Owner, Reading
 from trustmgr.pki import ObservedCA
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.rotation import RotationStep, gate, root_sets
+from trustmgr.rotation import RootSets, RotationStep, gate, root_sets
 from trustmgr.spiffe import SpiffeBundle
 from trustmgr.state.model import ClusterRecord, Phase, RotationRecord
 
@@ -523,19 +523,43 @@ def affected_clusters(config: Config, provider: str) -> set[str]:
     return {c for m, c, _ in config.clusters() if m in meshes}
 
 
-def _plan_clusters(
-    config: Config, observation: Observation, phases: Mapping[str, Phase], *, adopt: bool
-) -> list[ClusterPlan]:
-    """Every cluster planned with each rotating provider at its phase in ``phases``."""
-    sets = {
+def _root_sets(observation: Observation, phases: Mapping[str, Phase]) -> dict[str, RootSets]:
+    return {
         p: root_sets(phase, observation.roots.get(p, ()), observation.incoming.get(p, ()))
         for p, phase in phases.items()
     }
 
-    def bundle_roots(provider: str) -> tuple[x509.Certificate, ...]:
-        return sets[provider].bundle if provider in sets else observation.roots_of(provider)
 
-    federation = federation_of(config, bundle_roots, observation.external)
+def federation_at(
+    config: Config,
+    observation: Observation,
+    phases: Mapping[str, Phase] | None = None,
+    *,
+    prepared: bool = True,
+) -> Federation:
+    """Every mesh with the roots its bundles hold with each rotating provider at
+    its phase (by default, as recorded), and with the roots that would be created
+    unless ``prepared`` is False."""
+    if phases is None:
+        phases = {
+            p: r.phase for p, r in observation.state.rotations.items() if p in observation.roots
+        }
+    sets = _root_sets(observation, phases)
+
+    def bundle_roots(provider: str) -> tuple[x509.Certificate, ...]:
+        if provider in sets:
+            return sets[provider].bundle
+        return observation.roots_of(provider) if prepared else observation.roots.get(provider, ())
+
+    return federation_of(config, bundle_roots, observation.external)
+
+
+def _plan_clusters(
+    config: Config, observation: Observation, phases: Mapping[str, Phase], *, adopt: bool
+) -> list[ClusterPlan]:
+    """Every cluster planned with each rotating provider at its phase in ``phases``."""
+    sets = _root_sets(observation, phases)
+    federation = federation_at(config, observation, phases)
     errors = [f.message for f in federation.findings() if f.level == "error"]
     if errors:
         raise BadInputError(errors[0])
