@@ -342,3 +342,45 @@ def test_exported_bundles_follow_the_phases(mesh: Path, workdir: Path) -> None:
         trustmgr("reconcile")
     assert not _rotating(workdir)
     assert exported("a") == (first + 2, {new})
+
+
+def test_a_root_entering_its_renewal_window_starts_a_rotation(workdir: Path) -> None:
+    config = workdir / "trustmgr.yaml"
+    text = CONFIG.replace("SOAK", "0s").replace(
+        "rotation: {soak: 0s, canary: 1}",
+        "rotation: {soak: 0s, canary: 1, rootRenewBefore: 2300h}",
+    )
+    config.write_text(
+        text.replace("  corp:\n    selfSigned: {", "  corp:\n    selfSigned: {ttl: 2400h, ")
+    )
+    assert trustmgr("bootstrap").code == 0
+    assert json.loads(trustmgr("plan", "-o", "json").out)["pending"] is False  # 100 days left
+    cfg = config_mod.load(config)
+    later = datetime.now(UTC) + timedelta(days=5)  # 95 days left: inside 2300h
+    with Workspace.build(cfg, clock=lambda: later) as ws:
+        plan = make_plan(ws)
+        (step,) = plan.rotations
+        assert step.started and step.provider == "corp"
+        assert not any(c.pending for c in plan.clusters)  # nothing written yet
+        report = apply(ws)
+        assert report.changed
+    (row,) = _rotating(workdir)
+    assert (row["provider"], row["phase"]) == ("corp", "prepared")
+    assert row["newRoots"] == [step.record.new_roots[0]]
+    for _ in range(6):
+        with Workspace.build(cfg, clock=lambda: later) as ws:
+            apply(ws)
+    assert not _rotating(workdir)
+    with Workspace.build(cfg, clock=lambda: later) as ws:
+        assert not make_plan(ws).pending  # the new root ends in 100 days from its making
+
+
+def test_a_renewal_window_as_long_as_the_root_is_refused(workdir: Path) -> None:
+    (workdir / "trustmgr.yaml").write_text(
+        CONFIG.replace("SOAK", "0s").replace(
+            "rotation: {soak: 0s, canary: 1}", "rotation: {rootRenewBefore: 87600h}"
+        )
+    )
+    run = trustmgr("validate")
+    assert run.code == 2
+    assert "is not shorter than the root ttl of provider 'corp'" in run.err

@@ -180,6 +180,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
                 "advancedFrom": str(r.advanced_from) if r.advanced_from else None,
                 "finished": r.finished,
                 "aborted": r.aborted,
+                "started": r.started,
                 "blocked": r.blocked or None,
             }
             for r in plan.rotations
@@ -270,7 +271,11 @@ def _rotation_lines(plan: Plan) -> list[str]:
     lines = []
     for step in plan.rotations:
         head = f"rotation {step.record.id} of provider {step.provider}:"
-        if step.finished:
+        if step.started:
+            lines.append(
+                f"{head} starts at prepared, new root {step.record.new_roots[0][:16]}…; {step.blocked}"
+            )
+        elif step.finished:
             lines.append(f"{head} old-removed converged; the new root becomes the current one")
         elif step.aborted:
             lines.append(f"{head} aborted; the rotation is dropped")

@@ -190,6 +190,8 @@ class RotationConfig(Model):
     """Time between issuer-switched converging and the old root's removal (0: none)."""
     canary: int = Field(default=1, ge=0)
     """Clusters of each rotating mesh switched to the new root before the rest."""
+    root_renew_before: NonNegativeDuration = timedelta(0)
+    """Start a rotation of a self-signed root this long before it expires (0: never by itself)."""
 
 
 class Config(Model):
@@ -496,11 +498,26 @@ def _lifetime_problems(data: dict[Any, Any]) -> list[_Problem]:
     providers, meshes = data.get("providers"), data.get("meshes")
     if not isinstance(providers, dict) or not isinstance(meshes, dict):
         return problems
+    rotation = data.get("rotation")
+    window = (
+        _duration(rotation.get("rootRenewBefore"))
+        if isinstance(rotation, dict) and rotation.get("rootRenewBefore") not in (None, 0, "0")
+        else None
+    )
     for name, provider in providers.items():
         if not isinstance(provider, dict):
             continue
         root = provider.get("selfSigned")
-        ttl = _duration(root.get("ttl")) if isinstance(root, dict) else None
+        ttl = _duration(root.get("ttl", "87600h")) if isinstance(root, dict) else None
+        if ttl is not None and window is not None and window >= ttl:
+            problems.append(
+                _Problem(
+                    ("rotation", "rootRenewBefore"),
+                    f"{format_duration(window)} is not shorter than the root ttl of provider "
+                    f"{name!r} ({format_duration(ttl)}): every new root would start another "
+                    "rotation at once; lower rootRenewBefore",
+                )
+            )
         if ttl is not None and timedelta(0) < ttl < ROOT_LIFETIME_FLOOR:
             problems.append(
                 _Problem(

@@ -69,8 +69,10 @@ class Report:
 
     @property
     def changed(self) -> bool:
-        return bool(self.roots_created) or any(
-            o.ok and o.action is not Action.NONE for o in self.outcomes
+        return (
+            bool(self.roots_created)
+            or bool(self.plan.rotation_changes)
+            or any(o.ok and o.action is not Action.NONE for o in self.outcomes)
         )
 
 
@@ -112,6 +114,9 @@ def preflight(ws: Workspace, plan: Plan) -> None:
         for c in plan.clusters
         if c.desired is not None and c.action in (Action.ISSUE, Action.RENEW)
     ]
+    for step in plan.rotations:
+        if step.started:
+            ws.upcoming(step.provider, step.record.generation).unlock()
     for provider in {id(p): p for p in unlocking}.values():
         if isinstance(provider, RootKeeper):
             provider.unlock()
@@ -159,7 +164,12 @@ def _record_rotations(ws: Workspace, plan: Plan) -> None:
     state = ws.store.load()
     rotations, generations = dict(state.rotations), dict(state.generations)
     for step in changes:
-        if step.finished:
+        if step.started:
+            ws.upcoming(step.provider, step.record.generation).keep_prepared_root()
+            ws.bring_in(step.provider)
+            rotations[step.provider] = step.record
+            log.info("rotation %s of provider %s: started", step.record.id, step.provider)
+        elif step.finished:
             generations[step.provider] = step.record.generation
             del rotations[step.provider]
             log.info("rotation %s of provider %s: done", step.record.id, step.provider)

@@ -86,6 +86,9 @@ class Observation:
     taken_at: datetime
     incoming: Mapping[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
     """Per provider under rotation, the roots of the new authority."""
+    upcoming: Mapping[str, tuple[str, x509.Certificate]] = field(default_factory=dict)
+    """Per self-signed provider whose root entered ``rotation.rootRenewBefore``, with
+    no rotation yet: the generation and root a rotation would start with."""
 
     def roots_of(self, provider: str) -> tuple[x509.Certificate, ...]:
         """The provider's roots once prepared roots are kept."""
@@ -161,4 +164,31 @@ def observe_all(
         state=ws.store.load(),
         taken_at=ws.clock(),
         incoming=provider_roots(ws.incoming),
+        upcoming=_upcoming(ws, roots) if prepare else {},
     )
+
+
+def _upcoming(
+    ws: Workspace, roots: Mapping[str, tuple[x509.Certificate, ...]]
+) -> dict[str, tuple[str, x509.Certificate]]:
+    """The next root of each self-signed provider whose roots all end inside
+    ``rotation.rootRenewBefore``, made in memory (a rotation would keep it)."""
+    window = ws.config.rotation.root_renew_before
+    if not window:
+        return {}
+    now = ws.clock()
+    state = ws.store.load()
+    out = {}
+    for name, provider in ws.providers.items():
+        have = roots.get(name, ())
+        if (
+            name in state.rotations
+            or not have
+            or not isinstance(provider, RootKeeper)
+            or max(r.not_valid_after_utc for r in have) - window > now
+        ):
+            continue
+        generation = f"{now:%Y%m%d%H%M%S}"
+        upcoming = ws.upcoming(name, generation)
+        out[name] = (generation, upcoming.prepare_root())
+    return out

@@ -489,6 +489,27 @@ def decide(
         steps.append(
             gate(record, converged=not pending, pending=pending, now=now, soak=config.rotation.soak)
         )
+    for provider, (generation, root) in sorted(observation.upcoming.items()):
+        if provider in rotations:
+            continue
+        ends = max(r.not_valid_after_utc for r in observation.roots[provider])
+        steps.append(
+            RotationStep(
+                provider,
+                RotationRecord(
+                    id=generation,
+                    provider=provider,
+                    phase=Phase.PREPARED,
+                    generation=generation,
+                    old_roots=tuple(fingerprint(r) for r in observation.roots[provider]),
+                    new_roots=(fingerprint(root),),
+                    started_at=now,
+                    phase_at=now,
+                ),
+                started=True,
+                blocked=f"the root ends {ends:%Y-%m-%d}, inside rotation.rootRenewBefore",
+            )
+        )
     if not advance:
         steps = [replace(s, record=rotations[s.provider]) for s in steps if not s.changes_state] + [
             RotationStep(s.provider, rotations[s.provider]) for s in steps if s.changes_state

@@ -68,12 +68,14 @@ class RotationStep:
     """The old-removed phase converged: the new root becomes the current one."""
     aborted: bool = False
     """An abort converged back to prepared: the rotation is dropped."""
+    started: bool = False
+    """The root entered its renewal window: the pass keeps the new root and records the rotation."""
     blocked: str = ""
     """What keeps the rotation at its phase, in words."""
 
     @property
     def changes_state(self) -> bool:
-        return self.advanced_from is not None or self.finished or self.aborted
+        return self.advanced_from is not None or self.finished or self.aborted or self.started
 
 
 def gate(

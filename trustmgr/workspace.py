@@ -9,7 +9,7 @@ from pathlib import Path
 from types import TracebackType
 
 from trustmgr.config import ClusterConfig, Config
-from trustmgr.providers import BlobStore, Clock, Provider
+from trustmgr.providers import BlobStore, Clock, Provider, RootKeeper
 from trustmgr.state.file import FileStateStore
 from trustmgr.targets import Target
 from trustmgr.targets.directory import DirectoryTarget
@@ -42,6 +42,7 @@ class Workspace:
     meshes_of: dict[str, str] = field(default_factory=dict)
     incoming: dict[str, Provider] = field(default_factory=dict)
     """Per provider under rotation, the authority of the new root."""
+    _upcoming: dict[str, RootKeeper] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -92,6 +93,21 @@ class Workspace:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def upcoming(self, provider: str, generation: str) -> RootKeeper:
+        """The authority a rotation of ``provider`` starting now would bring in;
+        the same object for the whole pass, so the root it prepares is the one kept."""
+        if provider not in self._upcoming:
+            made = authority(self.config, self.store, provider, generation, self.clock)
+            assert isinstance(made, RootKeeper)
+            self._upcoming[provider] = made
+        return self._upcoming[provider]
+
+    def bring_in(self, provider: str) -> None:
+        """The upcoming authority of ``provider`` becomes its incoming one."""
+        made = self._upcoming.pop(provider)
+        assert isinstance(made, Provider)
+        self.incoming[provider] = made
 
     def cluster_config(self, cluster: str) -> ClusterConfig:
         return self.config.meshes[self.meshes_of[cluster]].clusters[cluster]
