@@ -360,7 +360,7 @@ def test_a_root_entering_its_renewal_window_starts_a_rotation(workdir: Path) -> 
     with Workspace.build(cfg, clock=lambda: later) as ws:
         plan = make_plan(ws)
         (step,) = plan.rotations
-        assert step.started and step.provider == "corp"
+        assert step.started and step.key == "corp"
         assert not any(c.pending for c in plan.clusters)  # nothing written yet
         report = apply(ws)
         assert report.changed
@@ -384,3 +384,62 @@ def test_a_renewal_window_as_long_as_the_root_is_refused(workdir: Path) -> None:
     run = trustmgr("validate")
     assert run.code == 2
     assert "is not shorter than the root ttl of provider 'corp'" in run.err
+
+
+def test_a_mesh_moved_to_another_provider_is_rotated_there(mesh: Path, workdir: Path) -> None:
+    start = _held(workdir)
+    corp_root = start["a-1"].chain_root
+    text = mesh.read_text().replace(
+        "  iso:\n", "  next:\n    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}\n  iso:\n"
+    )
+    mesh.write_text(text.replace("    provider: corp\n", "    provider: next\n"))
+    plan = trustmgr("plan")
+    assert plan.code == 0, plan.err
+    assert "provider next: create root" in plan.out
+    assert "move of mesh a from provider corp to next" in plan.out
+    assert "meshes.a.provider changed from corp to next" in plan.out
+    phases = []
+    before = start
+    for _ in range(10):
+        _promise_and_pass(workdir)
+        rows = _rotating(workdir)
+        if not rows:
+            break
+        phases.append(rows[0]["phase"])
+        assert rows[0]["mesh"] == "a" and rows[0]["fromProvider"] == "corp"
+        after = _held(workdir)
+        _check_transition(before, after)
+        before = after
+    assert phases[0] == "prepared" and phases[-1] == "old-removed"
+    end = _held(workdir)
+    next_root = end["a-1"].chain_root
+    assert next_root != corp_root
+    assert {end[c].chain_root for c in ("a-1", "a-2", "a-3")} == {next_root}
+    for cluster in A_AND_B:
+        assert corp_root not in end[cluster].bundle and next_root in end[cluster].bundle
+    assert trustmgr("verify").code == 0
+    assert "0 changed" in trustmgr("reconcile").out
+
+
+def test_a_move_is_aborted_only_with_the_configuration_set_back(mesh: Path, workdir: Path) -> None:
+    start = _held(workdir)
+    original = mesh.read_text()
+    moved = original.replace(
+        "  iso:\n", "  next:\n    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}\n  iso:\n"
+    ).replace("    provider: corp\n", "    provider: next\n")
+    mesh.write_text(moved)
+    trustmgr("reconcile")  # the move starts
+    trustmgr("reconcile")  # trust-distributed
+    refused = trustmgr("rotate", "abort", "--mesh", "a")
+    assert refused.code == 2
+    assert "set meshes.a.provider back to corp first" in refused.err
+    mesh.write_text(moved.replace("    provider: next\n", "    provider: corp\n"))
+    stuck = trustmgr("plan")
+    assert stuck.code == 2 and "`trustmgr rotate abort --mesh a`" in stuck.err
+    assert trustmgr("rotate", "abort", "--mesh", "a").code == 0
+    trustmgr("reconcile")
+    trustmgr("reconcile")
+    assert not _rotating(workdir)
+    end = _held(workdir)
+    for cluster in A_AND_B:
+        assert end[cluster].material.root_cert == start[cluster].material.root_cert

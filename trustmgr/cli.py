@@ -38,7 +38,7 @@ from trustmgr.engine import (
 from trustmgr.errors import ConfigError, TargetError, TrustmgrError
 from trustmgr.federation import Finding, config_findings, mesh_config_fragment
 from trustmgr.observe import observe_all
-from trustmgr.planner import CANARY_FIRST, Action, Plan, affected_clusters, decide
+from trustmgr.planner import CANARY_FIRST, Action, Plan, decide, rotation_clusters
 from trustmgr.providers import ProviderError, ProviderNeedsFixError
 from trustmgr.status import cluster_status, verify_all
 
@@ -174,7 +174,10 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
         ],
         "rotations": [
             {
-                "provider": r.provider,
+                "key": r.key,
+                "provider": r.record.provider,
+                "mesh": r.record.mesh or None,
+                "fromProvider": r.record.from_provider or None,
                 "id": r.record.id,
                 "phase": str(r.record.phase),
                 "advancedFrom": str(r.advanced_from) if r.advanced_from else None,
@@ -270,7 +273,7 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool, workers: int, a
 def _rotation_lines(plan: Plan) -> list[str]:
     lines = []
     for step in plan.rotations:
-        head = f"rotation {step.record.id} of provider {step.provider}:"
+        head = f"{step.record.what} ({step.record.id}):"
         if step.started:
             lines.append(
                 f"{head} starts at prepared, new root {step.record.new_roots[0][:16]}…; {step.blocked}"
@@ -554,13 +557,13 @@ def rotate_status(obj: Context, output: str) -> None:
     with obj.workspace() as ws:
         observation = observe_all(ws)
         plan = decide(ws.config, observation, advance=False)
-        ahead = {s.provider: s for s in decide(ws.config, observation).rotations}
+        ahead = {s.key: s for s in decide(ws.config, observation).rotations}
         config = ws.config
     rows: list[dict[str, Any]] = []
     for step in plan.rotations:
-        record = plan.rotations_before[step.provider]
-        step = ahead[step.provider]
-        affected = affected_clusters(config, step.provider)
+        record = plan.rotations_before[step.key]
+        step = ahead[step.key]
+        affected = rotation_clusters(config, record)
         clusters = [
             {
                 "cluster": c.cluster,
@@ -574,7 +577,11 @@ def rotate_status(obj: Context, output: str) -> None:
         ]
         rows.append(
             {
-                "provider": step.provider,
+                "key": step.key,
+                "provider": record.provider,
+                "mesh": record.mesh or None,
+                "fromProvider": record.from_provider or None,
+                "what": record.what,
                 "id": record.id,
                 "phase": str(record.phase),
                 "phaseSince": record.phase_at.isoformat(),
@@ -595,7 +602,7 @@ def rotate_status(obj: Context, output: str) -> None:
     for row in rows:
         done = sum(1 for c in row["clusters"] if c["converged"])
         click.echo(
-            f"provider {row['provider']}: rotation {row['id']} at {row['phase']} since "
+            f"{row['what']} ({row['id']}) at {row['phase']} since "
             f"{row['phaseSince']}; {done} of {len(row['clusters'])} clusters converged"
         )
         if row["nextPhase"]:
@@ -607,40 +614,56 @@ def rotate_status(obj: Context, output: str) -> None:
                 click.echo(f"  {c['cluster']}: {c['next']}")
 
 
-def _rotation_change(obj: Context, provider: str, how: str) -> None:
+def _rotation_change(obj: Context, provider: str | None, mesh: str | None, how: str) -> None:
+    if (provider is None) == (mesh is None):
+        raise click.UsageError("name the rotation with --provider NAME or, for a move, --mesh NAME")
+    key = f"mesh/{mesh}" if mesh else str(provider)
     with obj.workspace() as ws:
-        record = change_rotation(ws, provider, how)
+        record = change_rotation(ws, key, how)
+    option = f"--mesh {mesh}" if mesh else f"--provider {provider}"
     then = {
         "rollback": f"held at {record.phase}; `trustmgr reconcile` converges to it, "
-        f"`trustmgr rotate resume --provider {provider}` continues",
-        "abort": "`trustmgr reconcile` takes the new root out of every bundle, then drops the rotation",
+        f"`trustmgr rotate resume {option}` continues",
+        "abort": "`trustmgr reconcile` takes the new root out of every bundle, then drops it",
         "resume": "`trustmgr reconcile` continues",
     }[how]
-    click.echo(f"rotation {record.id} of provider {provider}: {then}")
+    click.echo(f"{record.what} ({record.id}): {then}")
+
+
+_which_rotation = (
+    click.option("--provider", help="The provider whose root is being renewed."),
+    click.option("--mesh", help="The mesh being moved to another provider."),
+)
+
+
+def _named(f: Any) -> Any:
+    for option in reversed(_which_rotation):
+        f = option(f)
+    return f
 
 
 @rotate.command("rollback")
-@click.option("--provider", required=True)
+@_named
 @click.pass_obj
-def rotate_rollback(obj: Context, provider: str) -> None:
+def rotate_rollback(obj: Context, provider: str | None, mesh: str | None) -> None:
     """Go back one phase (from trust-distributed or issuer-switched) and hold there."""
-    _rotation_change(obj, provider, "rollback")
+    _rotation_change(obj, provider, mesh, "rollback")
 
 
 @rotate.command("abort")
-@click.option("--provider", required=True)
+@_named
 @click.pass_obj
-def rotate_abort(obj: Context, provider: str) -> None:
+def rotate_abort(obj: Context, provider: str | None, mesh: str | None) -> None:
     """Before the issuer switch: put everything back as before the rotation."""
-    _rotation_change(obj, provider, "abort")
+    _rotation_change(obj, provider, mesh, "abort")
 
 
 @rotate.command("resume")
-@click.option("--provider", required=True)
+@_named
 @click.pass_obj
-def rotate_resume(obj: Context, provider: str) -> None:
+def rotate_resume(obj: Context, provider: str | None, mesh: str | None) -> None:
     """Let a held rotation advance again."""
-    _rotation_change(obj, provider, "resume")
+    _rotation_change(obj, provider, mesh, "resume")
 
 
 @cli.group()

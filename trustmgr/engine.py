@@ -150,14 +150,20 @@ def start_rotation(ws: Workspace, provider: str) -> RotationRecord:
     return record
 
 
-def change_rotation(ws: Workspace, provider: str, how: str) -> RotationRecord:
+def change_rotation(ws: Workspace, key: str, how: str) -> RotationRecord:
     """``rollback`` (one phase back, then held), ``abort`` (back to before the
-    rotation, then dropped) or ``resume`` (no longer held)."""
+    rotation, then dropped) or ``resume`` (no longer held) of the rotation
+    ``key`` (a provider's name, or ``mesh/<name>`` for a move)."""
     with ws.store.lock():
         state = ws.store.load()
-        record = state.rotations.get(provider)
+        record = state.rotations.get(key)
         if record is None:
-            raise BadInputError(f"provider {provider} has no rotation in progress")
+            what = (
+                f"mesh {key.removeprefix('mesh/')}"
+                if key.startswith("mesh/")
+                else f"provider {key}"
+            )
+            raise BadInputError(f"{what} has no rotation in progress")
         phase = record.phase
         if how == "rollback":
             if phase not in (Phase.TRUST_DISTRIBUTED, Phase.ISSUER_SWITCHED):
@@ -171,6 +177,12 @@ def change_rotation(ws: Workspace, provider: str, how: str) -> RotationRecord:
                 record, phase=phase.previous(), phase_at=ws.clock(), converged_at=None, held=True
             )
         elif how == "abort":
+            mesh = ws.config.meshes.get(record.mesh) if record.mesh else None
+            if mesh is not None and mesh.provider != record.from_provider:
+                raise BadInputError(
+                    f"the {record.what} follows the configuration: set meshes.{record.mesh}"
+                    f".provider back to {record.from_provider} first, then abort"
+                )
             if phase not in (Phase.PREPARED, Phase.TRUST_DISTRIBUTED):
                 raise BadInputError(
                     f"rotation {record.id} is at {phase}: cluster CAs are under the new root; "
@@ -181,7 +193,7 @@ def change_rotation(ws: Workspace, provider: str, how: str) -> RotationRecord:
             )
         else:
             changed = replace(record, held=False)
-        ws.store.save(replace(state, rotations={**state.rotations, provider: changed}))
+        ws.store.save(replace(state, rotations={**state.rotations, key: changed}))
     return changed
 
 

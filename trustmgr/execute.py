@@ -108,15 +108,13 @@ def preflight(ws: Workspace, plan: Plan) -> None:
             problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
         )
     unlocking = [ws.providers[p.provider] for p in plan.providers if p.create_root] + [
-        ws.incoming[c.desired.provider]
-        if c.desired.new_signer
-        else ws.providers[c.desired.provider]
+        ws.incoming[c.desired.incoming] if c.desired.incoming else ws.providers[c.desired.provider]
         for c in plan.clusters
         if c.desired is not None and c.action in (Action.ISSUE, Action.RENEW)
     ]
     for step in plan.rotations:
-        if step.started:
-            ws.upcoming(step.provider, step.record.generation).unlock()
+        if step.started and not step.record.mesh:
+            ws.upcoming(step.key, step.record.generation).unlock()
     for provider in {id(p): p for p in unlocking}.values():
         if isinstance(provider, RootKeeper):
             provider.unlock()
@@ -165,27 +163,23 @@ def _record_rotations(ws: Workspace, plan: Plan) -> None:
     rotations, generations = dict(state.rotations), dict(state.generations)
     for step in changes:
         if step.started:
-            ws.upcoming(step.provider, step.record.generation).keep_prepared_root()
-            ws.bring_in(step.provider)
-            rotations[step.provider] = step.record
-            log.info("rotation %s of provider %s: started", step.record.id, step.provider)
+            if not step.record.mesh:  # a renewal: its new root is kept now
+                ws.upcoming(step.key, step.record.generation).keep_prepared_root()
+                ws.bring_in(step.key)
+            rotations[step.key] = step.record
+            log.info("%s: started", step.record.what)
         elif step.finished:
-            generations[step.provider] = step.record.generation
-            del rotations[step.provider]
-            log.info("rotation %s of provider %s: done", step.record.id, step.provider)
+            if not step.record.mesh:
+                generations[step.record.provider] = step.record.generation
+            del rotations[step.key]
+            log.info("%s: done", step.record.what)
         elif step.aborted:
-            del rotations[step.provider]
-            log.info("rotation %s of provider %s: aborted", step.record.id, step.provider)
+            del rotations[step.key]
+            log.info("%s: aborted", step.record.what)
         else:
-            rotations[step.provider] = step.record
+            rotations[step.key] = step.record
             if step.advanced_from is not None:
-                log.info(
-                    "rotation %s of provider %s: %s -> %s",
-                    step.record.id,
-                    step.provider,
-                    step.advanced_from,
-                    step.record.phase,
-                )
+                log.info("%s: %s -> %s", step.record.what, step.advanced_from, step.record.phase)
     ws.store.save(replace(state, rotations=rotations, generations=generations))
 
 
@@ -359,7 +353,7 @@ def _material_for(
     request = cluster_ca_request(
         d.trust_domain, cluster=d.name, algorithm=d.key_algorithm, organization=inter.organization
     )
-    provider = ws.incoming[d.provider] if d.new_signer else ws.providers[d.provider]
+    provider = ws.incoming[d.incoming] if d.incoming else ws.providers[d.provider]
     answer = provider.sign_ca(request.csr, d.ttl)
     root = check_signed_ca(answer, request, d.trust_domain, provider=d.provider, now=ws.clock())
     return assemble(request, answer, root, d.bundle)

@@ -151,10 +151,11 @@ def observe_all(
     """One observation of everything. ``clusters`` replaces the reading of the
     targets; ``prepare`` False makes no root for providers that have none."""
     roots = provider_roots(ws.providers)
+    used = {m.provider for m in ws.config.meshes.values()}
     prepared = {
         name: provider.prepare_root()
         for name, provider in ws.providers.items()
-        if prepare and not roots[name] and isinstance(provider, RootKeeper)
+        if prepare and name in used and not roots[name] and isinstance(provider, RootKeeper)
     }
     return Observation(
         clusters=clusters() if clusters is not None else read_clusters(ws, workers),
@@ -179,10 +180,12 @@ def _upcoming(
     now = ws.clock()
     state = ws.store.load()
     out = {}
+    used = {m.provider for m in ws.config.meshes.values()}
     for name, provider in ws.providers.items():
         have = roots.get(name, ())
         if (
-            name in state.rotations
+            name not in used
+            or name in state.rotations
             or not have
             or not isinstance(provider, RootKeeper)
             or max(r.not_valid_after_utc for r in have) - window > now

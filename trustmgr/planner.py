@@ -20,7 +20,7 @@ from trustmgr.federation import Federation, MeshRoots, order_bundle
 from trustmgr.observe import Observation, Owner, Reading
 from trustmgr.pki import ObservedCA
 from trustmgr.providers.keys import KeyAlgorithm
-from trustmgr.rotation import RootSets, RotationStep, gate, root_sets
+from trustmgr.rotation import RotationStep, gate, root_sets
 from trustmgr.spiffe import SpiffeBundle
 from trustmgr.state.model import ClusterRecord, Phase, RotationRecord
 
@@ -68,8 +68,8 @@ class DesiredCluster:
     restart_istiod: bool = False
     adopt: bool = False
     """The operator allows replacing cacerts that trustmgr did not create."""
-    new_signer: bool = False
-    """A rotation has switched the mesh to the new root's authority."""
+    incoming: str = ""
+    """The rotation whose incoming authority signs (a renewed root); "" for ``provider``."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class Plan:
         return tuple(
             s
             for s in self.rotations
-            if s.changes_state or s.record != self.rotations_before.get(s.provider)
+            if s.changes_state or s.record != self.rotations_before.get(s.key)
         )
 
     @property
@@ -404,15 +404,14 @@ def federation_of(
     roots: Callable[[str], tuple[x509.Certificate, ...]],
     external: Mapping[str, SpiffeBundle],
 ) -> Federation:
-    """Every mesh with its roots: its provider's (``roots``) for issued meshes,
-    the imported SPIFFE bundle's for external ones."""
+    """Every mesh with its roots: ``roots(mesh)`` for issued meshes, the imported
+    SPIFFE bundle's for external ones."""
     meshes = {}
     for name, mesh in config.meshes.items():
         if mesh.external is not None:
             mesh_roots = external[name].roots if name in external else ()
         else:
-            assert mesh.provider is not None
-            mesh_roots = roots(mesh.provider)
+            mesh_roots = roots(name)
         meshes[name] = MeshRoots(name, mesh.trust_domain, mesh_roots, mesh.provider)
     return Federation(config, meshes)
 
@@ -455,17 +454,92 @@ def desired_cluster(
 CANARY_FIRST = "CanaryFirst"
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What one rotation covers: the meshes that change root, the roots they move
+    between, and who signs before and after the switch."""
+
+    key: str
+    meshes: frozenset[str]
+    old: tuple[x509.Certificate, ...]
+    new: tuple[x509.Certificate, ...]
+    old_signer: str
+    """The provider signing before the switch."""
+    new_signer: str
+    """The provider signing after it."""
+    incoming: bool
+    """The new root's authority is the provider's incoming one (a renewal)."""
+
+
+def _scopes(
+    config: Config, observation: Observation, rotations: Mapping[str, RotationRecord]
+) -> dict[str, Scope]:
+    out = {}
+    for key, r in rotations.items():
+        if r.mesh:
+            out[key] = Scope(
+                key,
+                frozenset({r.mesh}),
+                observation.roots.get(r.from_provider, ()),
+                observation.roots_of(r.provider),
+                r.from_provider,
+                r.provider,
+                incoming=False,
+            )
+        else:
+            meshes = frozenset(
+                m for m, mesh in config.meshes.items() if mesh.provider == r.provider
+            )
+            moving = {s.mesh for s in rotations.values() if s.mesh}
+            out[key] = Scope(
+                key,
+                meshes - moving,
+                observation.roots.get(r.provider, ()),
+                observation.incoming.get(key, ()),
+                r.provider,
+                r.provider,
+                incoming=True,
+            )
+    return out
+
+
+def _valid_rotations(config: Config, observation: Observation) -> dict[str, RotationRecord]:
+    """The rotations of the state that the configuration still has, checked."""
+    out = {}
+    for key, r in observation.state.rotations.items():
+        if r.mesh:
+            mesh = config.meshes.get(r.mesh)
+            if mesh is None or r.from_provider not in observation.roots:
+                raise BadInputError(
+                    f"the {r.what} is in progress, but the configuration no longer has mesh "
+                    f"{r.mesh} or provider {r.from_provider}: put them back until it is done"
+                )
+            if mesh.provider != r.provider and not r.aborting:
+                raise BadInputError(
+                    f"the {r.what} is in progress, but the configuration now says provider "
+                    f"{mesh.provider}: set it back to {r.provider}, or `trustmgr rotate abort "
+                    f"--mesh {r.mesh}` to move back to {r.from_provider}"
+                )
+        elif r.provider not in observation.roots:
+            continue
+        out[key] = r
+    return out
+
+
 def decide(
     config: Config, observation: Observation, *, adopt: bool = False, advance: bool = True
 ) -> Plan:
     """The plan for ``observation``, at the time it was taken. Pure: raises
     BadInputError, before anything is written, for what no plan may do: merge two
-    meshes into one, accept a replayed bundle, or move clusters to another root.
+    meshes into one, accept a replayed bundle, or move clusters to another root
+    outside a rotation.
 
     A rotation in progress changes what is wanted (:mod:`trustmgr.rotation`);
     when every cluster it affects holds its phase's material, and its gate is
     open, the plan moves it one phase on and wants that phase's material
-    (unless ``advance`` is False: what is wanted at the phase as recorded)."""
+    (unless ``advance`` is False: what is wanted at the phase as recorded). A
+    mesh whose configured provider is not the one its clusters' CAs are under
+    starts a move, which is a rotation between the two providers."""
     now = observation.taken_at
     for mesh, bundle in observation.external.items():
         known = observation.state.imported.get(mesh)
@@ -474,13 +548,16 @@ def decide(
                 f"mesh {mesh}: the SPIFFE bundle's sequence went backwards ({bundle.sequence} < "
                 f"{known.sequence}); refusing a possibly replayed bundle"
             )
-    _refuse_root_swap(config, observation)
-    rotations = {p: r for p, r in observation.state.rotations.items() if p in observation.roots}
-    phases = {p: r.phase for p, r in rotations.items()}
-    clusters = _plan_clusters(config, observation, phases, adopt=adopt)
+    rotations = _valid_rotations(config, observation)
+    moves = _moves(config, observation, rotations, now)
+    everything = {**rotations, **{s.record.key: s.record for s in moves}}
+    _refuse_root_swap(config, observation, _scopes(config, observation, everything))
+    phases = {k: r.phase for k, r in everything.items()}
+    clusters = _plan_clusters(config, observation, everything, phases, adopt=adopt)
     steps = []
-    for provider, record in sorted(rotations.items()):
-        affected = affected_clusters(config, provider)
+    scopes = _scopes(config, observation, rotations)
+    for key, record in sorted(rotations.items()):
+        affected = affected_clusters(config, scopes[key].meshes)
         pending = [
             c.cluster
             for c in clusters
@@ -489,6 +566,7 @@ def decide(
         steps.append(
             gate(record, converged=not pending, pending=pending, now=now, soak=config.rotation.soak)
         )
+    steps += moves
     for provider, (generation, root) in sorted(observation.upcoming.items()):
         if provider in rotations:
             continue
@@ -511,16 +589,20 @@ def decide(
             )
         )
     if not advance:
-        steps = [replace(s, record=rotations[s.provider]) for s in steps if not s.changes_state] + [
-            RotationStep(s.provider, rotations[s.provider]) for s in steps if s.changes_state
+        steps = [
+            RotationStep(s.key, rotations[s.key], blocked=s.blocked)
+            for s in steps
+            if s.key in rotations
         ]
     if any(step.advanced_from is not None for step in steps):
-        phases = {step.provider: step.record.phase for step in steps}
-        clusters = _plan_clusters(config, observation, phases, adopt=adopt)
+        phases = {**phases, **{step.key: step.record.phase for step in steps}}
+        clusters = _plan_clusters(config, observation, everything, phases, adopt=adopt)
+    new_roots = {fp for s in steps if s.started for fp in s.record.new_roots}
     creates = tuple(
         ProviderPlan(name, True, fingerprint(root))
         for name, root in sorted(observation.prepared.items())
-        if any(
+        if fingerprint(root) in new_roots
+        or any(
             c.action.writes
             and c.desired is not None
             and c.desired.bundle is not None
@@ -532,23 +614,82 @@ def decide(
         creates,
         tuple(clusters),
         generated_at=now,
-        rotations=tuple(s for s in steps),
+        rotations=tuple(steps),
         rotations_before=dict(rotations),
     )
 
 
-def affected_clusters(config: Config, provider: str) -> set[str]:
-    """Clusters of the meshes that use ``provider`` or federate with one that does."""
-    own = {m for m, mesh in config.meshes.items() if mesh.provider == provider}
-    meshes = own | {peer for m in own for peer in config.federated_with(m)}
-    return {c for m, c, _ in config.clusters() if m in meshes}
+def _moves(
+    config: Config,
+    observation: Observation,
+    rotations: Mapping[str, RotationRecord],
+    now: datetime,
+) -> list[RotationStep]:
+    """A move for each mesh whose trustmgr-written CAs are all under the root of
+    another configured provider than its own: the plan starts it at prepared."""
+    moving = {r.mesh for r in rotations.values() if r.mesh}
+    steps = []
+    for name, mesh in config.meshes.items():
+        if mesh.provider is None or name in moving:
+            continue
+        own = {fingerprint(r) for r in observation.roots_of(mesh.provider)}
+        under: set[str] = set()
+        for cluster in mesh.clusters:
+            reading = observation.clusters[cluster]
+            ca = reading.ca
+            if (
+                reading.owner is Owner.TRUSTMGR
+                and ca
+                and ca.chain_root
+                and ca.chain_root not in own
+            ):
+                under.add(ca.chain_root)
+        if not under:
+            continue
+        sources = [
+            p
+            for p, roots in sorted(observation.roots.items())
+            if p != mesh.provider and under <= {fingerprint(r) for r in roots}
+        ]
+        if not sources:
+            continue  # a lost root, refused below
+        generation = f"{now:%Y%m%d%H%M%S}"
+        record = RotationRecord(
+            id=generation,
+            provider=mesh.provider,
+            phase=Phase.PREPARED,
+            generation="",
+            old_roots=tuple(fingerprint(r) for r in observation.roots[sources[0]]),
+            new_roots=tuple(sorted(own)),
+            started_at=now,
+            phase_at=now,
+            mesh=name,
+            from_provider=sources[0],
+        )
+        steps.append(
+            RotationStep(
+                record.key,
+                record,
+                started=True,
+                blocked=f"meshes.{name}.provider changed from {sources[0]} to {mesh.provider}",
+            )
+        )
+    return steps
 
 
-def _root_sets(observation: Observation, phases: Mapping[str, Phase]) -> dict[str, RootSets]:
-    return {
-        p: root_sets(phase, observation.roots.get(p, ()), observation.incoming.get(p, ()))
-        for p, phase in phases.items()
-    }
+def affected_clusters(config: Config, meshes: frozenset[str] | set[str]) -> set[str]:
+    """Clusters of ``meshes`` and of every mesh federated with one of them."""
+    around = set(meshes) | {peer for m in meshes for peer in config.federated_with(m)}
+    return {c for m, c, _ in config.clusters() if m in around}
+
+
+def rotation_clusters(config: Config, record: RotationRecord) -> set[str]:
+    """The clusters a rotation affects, as the configuration stands."""
+    if record.mesh:
+        return affected_clusters(config, {record.mesh})
+    return affected_clusters(
+        config, {m for m, mesh in config.meshes.items() if mesh.provider == record.provider}
+    )
 
 
 def federation_at(
@@ -557,60 +698,74 @@ def federation_at(
     phases: Mapping[str, Phase] | None = None,
     *,
     prepared: bool = True,
+    rotations: Mapping[str, RotationRecord] | None = None,
 ) -> Federation:
-    """Every mesh with the roots its bundles hold with each rotating provider at
-    its phase (by default, as recorded), and with the roots that would be created
-    unless ``prepared`` is False."""
+    """Every mesh with the roots its bundles hold with each rotation at its phase
+    (by default, as recorded), and with the roots that would be created unless
+    ``prepared`` is False."""
+    if rotations is None:
+        rotations = _valid_rotations(config, observation)
     if phases is None:
-        phases = {
-            p: r.phase for p, r in observation.state.rotations.items() if p in observation.roots
-        }
-    sets = _root_sets(observation, phases)
+        phases = {k: r.phase for k, r in rotations.items()}
+    scopes = _scopes(config, observation, rotations)
+    by_mesh = {m: (scopes[k], phases[k]) for k in scopes for m in scopes[k].meshes}
 
-    def bundle_roots(provider: str) -> tuple[x509.Certificate, ...]:
-        if provider in sets:
-            return sets[provider].bundle
+    def bundle_roots(mesh: str) -> tuple[x509.Certificate, ...]:
+        if mesh in by_mesh:
+            scope, phase = by_mesh[mesh]
+            return root_sets(phase, scope.old, scope.new).bundle
+        provider = config.meshes[mesh].provider or ""
         return observation.roots_of(provider) if prepared else observation.roots.get(provider, ())
 
     return federation_of(config, bundle_roots, observation.external)
 
 
 def _plan_clusters(
-    config: Config, observation: Observation, phases: Mapping[str, Phase], *, adopt: bool
+    config: Config,
+    observation: Observation,
+    rotations: Mapping[str, RotationRecord],
+    phases: Mapping[str, Phase],
+    *,
+    adopt: bool,
 ) -> list[ClusterPlan]:
-    """Every cluster planned with each rotating provider at its phase in ``phases``."""
-    sets = _root_sets(observation, phases)
-    federation = federation_at(config, observation, phases)
+    """Every cluster planned with each rotation at its phase in ``phases``."""
+    scopes = _scopes(config, observation, rotations)
+    federation = federation_at(config, observation, phases, rotations=rotations)
     errors = [f.message for f in federation.findings() if f.level == "error"]
     if errors:
         raise BadInputError(errors[0])
-    retiring = frozenset(fingerprint(r) for p in phases for r in observation.roots.get(p, ()))
+    retiring = frozenset(fingerprint(r) for scope in scopes.values() for r in scope.old)
+    by_mesh = {m: scope for scope in scopes.values() for m in scope.meshes}
     clusters = []
     for mesh_name, cluster, _ in config.clusters():
         reading = observation.clusters[cluster]
         d = desired_cluster(
             config, cluster, mesh_name, federation, reading, adopt=adopt, retiring=retiring
         )
-        if d.provider in sets:
-            rs = sets[d.provider]
+        if mesh_name in by_mesh:
+            scope = by_mesh[mesh_name]
+            rs = root_sets(phases[scope.key], scope.old, scope.new)
             d = replace(
-                d, own_roots=tuple(fingerprint(r) for r in rs.signing), new_signer=rs.new_signer
+                d,
+                provider=scope.new_signer if rs.new_signer else scope.old_signer,
+                own_roots=tuple(fingerprint(r) for r in rs.signing),
+                incoming=scope.key if rs.new_signer and scope.incoming else "",
             )
         clusters.append(
             plan_cluster(d, reading, observation.state.clusters.get(cluster), observation.taken_at)
         )
-    for provider, phase in phases.items():
-        if phase is Phase.ISSUER_SWITCHED:
-            clusters = _canaries_first(config, provider, clusters)
+    for key, scope in scopes.items():
+        if phases[key] is Phase.ISSUER_SWITCHED:
+            clusters = _canaries_first(config, scope.meshes, clusters)
     return clusters
 
 
 def _canaries_first(
-    config: Config, provider: str, clusters: list[ClusterPlan]
+    config: Config, meshes: frozenset[str], clusters: list[ClusterPlan]
 ) -> list[ClusterPlan]:
     """Switch the canary clusters to the new root first; the others wait until
     every canary holds its new CA."""
-    own = sorted(c for m, c, _ in config.clusters() if config.meshes[m].provider == provider)
+    own = sorted(c for m, c, _ in config.clusters() if m in meshes)
     canaries = own[: config.rotation.canary]
     waiting = [c.cluster for c in clusters if c.cluster in canaries and c.pending]
     if not waiting:
@@ -629,21 +784,23 @@ def _canaries_first(
     return held
 
 
-def _refuse_root_swap(config: Config, observation: Observation) -> None:
-    """Clusters holding trustmgr's material under a root their provider does not
-    have (lost or replaced state): issuing again would swap their trust at once,
+def _refuse_root_swap(
+    config: Config, observation: Observation, scopes: Mapping[str, Scope]
+) -> None:
+    """Clusters holding trustmgr's material under a root their mesh may not be
+    under (lost or replaced state): issuing again would swap their trust at once,
     an outage in a live mesh. Moving clusters to another root is rotation's job."""
+    by_mesh = {m: scope for scope in scopes.values() for m in scope.meshes}
     lost: dict[tuple[str, str], list[str]] = {}
     for mesh_name, cluster, _ in config.clusters():
         reading = observation.clusters[cluster]
         provider = config.meshes[mesh_name].provider or ""
         if reading.owner is not Owner.TRUSTMGR or reading.ca is None or not reading.ca.chain_root:
             continue
-        have = {
-            fingerprint(r)
-            for r in (*observation.roots.get(provider, ()), *observation.incoming.get(provider, ()))
-        }
-        if reading.ca.chain_root not in have:
+        allowed = list(observation.roots.get(provider, ()))
+        if mesh_name in by_mesh:
+            allowed += [*by_mesh[mesh_name].old, *by_mesh[mesh_name].new]
+        if reading.ca.chain_root not in {fingerprint(r) for r in allowed}:
             lost.setdefault((provider, reading.ca.chain_root), []).append(cluster)
     recorded_without_root = {
         r.provider: sorted(

@@ -60,7 +60,8 @@ def root_sets(
 class RotationStep:
     """What a pass does to one rotation's record, and why it goes no further."""
 
-    provider: str
+    key: str
+    """The rotation's key in the state (see RotationRecord.key)."""
     record: RotationRecord
     """The record as this pass leaves it (its phase: what the pass converges to)."""
     advanced_from: Phase | None = None
@@ -93,7 +94,7 @@ def gate(
             f" and {len(pending) - 3} more" if len(pending) > 3 else ""
         )
         return RotationStep(
-            record.provider,
+            record.key,
             replace(record, converged_at=None),
             blocked=f"waiting for {waiting} to converge",
         )
@@ -102,24 +103,28 @@ def gate(
     if record.held:
         how = "abort" if record.aborting else "rollback"
         return RotationStep(
-            record.provider,
+            record.key,
             settled,
-            blocked=f"held after {how}: "
-            f"`trustmgr rotate resume --provider {record.provider}` continues",
+            blocked=f"held after {how}: `trustmgr rotate resume {_option(record)}` continues",
         )
     if record.aborting:
-        return RotationStep(record.provider, settled, aborted=True)
+        return RotationStep(record.key, settled, aborted=True)
     if record.phase is Phase.ISSUER_SWITCHED and now < seen + soak:
         return RotationStep(
-            record.provider,
+            record.key,
             settled,
             blocked=f"soaking until {seen + soak:%Y-%m-%d %H:%M}Z",
         )
     if record.phase is Phase.OLD_REMOVED:
-        return RotationStep(record.provider, replace(settled, phase=Phase.DONE), finished=True)
+        return RotationStep(record.key, replace(settled, phase=Phase.DONE), finished=True)
     ahead = record.phase.next()
     return RotationStep(
-        record.provider,
+        record.key,
         replace(record, phase=ahead, phase_at=now, converged_at=None),
         advanced_from=record.phase,
     )
+
+
+def _option(record: RotationRecord) -> str:
+    """The command-line option that names the rotation."""
+    return f"--mesh {record.mesh}" if record.mesh else f"--provider {record.provider}"

@@ -59,16 +59,21 @@ class Workspace:
         store = store or FileStateStore(Path(config.state_store.file.path).expanduser())
         state = store.load()
         given = providers or {}
+        # Providers of meshes, and those clusters or moves were issued under: a
+        # mesh moving to another provider is read against the one it leaves.
+        wanted = {m.provider for m in config.meshes.values()}
+        wanted |= {r.provider for r in state.clusters.values()}
+        wanted |= {r.from_provider for r in state.rotations.values()}
         built = {
             name: given.get(name)
             or authority(config, store, name, state.generations.get(name, ""), clock)
-            for name, p in config.providers.items()
-            if any(m.provider == name for m in config.meshes.values())
+            for name in config.providers
+            if name in wanted
         }
         incoming = {
-            name: authority(config, store, name, r.generation, clock)
-            for name, r in state.rotations.items()
-            if name in built
+            key: authority(config, store, r.provider, r.generation, clock)
+            for key, r in state.rotations.items()
+            if not r.mesh and r.provider in built
         }
         targets = {cluster: target_factory(cluster, c) for _, cluster, c in config.clusters()}
         meshes_of = {cluster: mesh for mesh, cluster, _ in config.clusters()}

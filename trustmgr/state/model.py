@@ -99,9 +99,25 @@ class RotationRecord:
     """Rolled back: converge to this phase and stay until resumed."""
     aborting: bool = False
     """Aborted: converge back to prepared, then drop the rotation."""
+    mesh: str = ""
+    """For a move: the mesh moving from ``from_provider`` to ``provider``."""
+    from_provider: str = ""
+
+    @property
+    def key(self) -> str:
+        """Where the state keeps it: the provider renewing its root, or ``mesh/<m>``."""
+        return f"mesh/{self.mesh}" if self.mesh else self.provider
+
+    @property
+    def what(self) -> str:
+        if self.mesh:
+            return f"move of mesh {self.mesh} from provider {self.from_provider} to {self.provider}"
+        return f"rotation of provider {self.provider}"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "mesh": self.mesh,
+            "fromProvider": self.from_provider,
             "held": self.held,
             "aborting": self.aborting,
             "id": self.id,
@@ -130,6 +146,8 @@ class RotationRecord:
             converged_at=datetime.fromisoformat(converged) if converged else None,
             held=bool(data.get("held", False)),
             aborting=bool(data.get("aborting", False)),
+            mesh=str(data.get("mesh", "")),
+            from_provider=str(data.get("fromProvider", "")),
         )
 
 
