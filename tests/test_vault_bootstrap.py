@@ -77,3 +77,38 @@ def test_a_policy_without_the_sign_path_fails_each_cluster_clearly(
     assert not (workdir / "out" / "pci-east").exists()
     secret_id = vault_pki.denied_secret_id_file.read_text().strip()
     assert secret_id not in run.out + run.err
+
+
+def test_a_mesh_moves_from_a_self_signed_root_to_vault(vault_pki: VaultPKI, workdir: Path) -> None:
+    """Same machinery as a root renewal: web moves from corp to Vault phase by
+    phase, payments (federated, already on Vault) trusting both until the end."""
+    auth = f"{{appRole: {{roleIdFile: {vault_pki.role_id_file}, secretIdFile: {vault_pki.secret_id_file}}}}}"
+    text = config(vault_pki, "pki", auth).replace(
+        "stateStore: {file: {path: state}}\n",
+        "stateStore: {file: {path: state}}\nrotation: {soak: 0s, canary: 0}\n",
+    )
+    path = workdir / "trustmgr.yaml"
+    path.write_text(text)
+    assert trustmgr("bootstrap").code == 0
+    chain = (workdir / "out/web-1/cert-chain.pem").read_bytes()
+    corp_root = load_certificates(chain, "chain")[-1]
+    path.write_text(text.replace("    provider: corp\n", "    provider: vault-prod\n"))
+    phases = []
+    for _ in range(8):
+        run = trustmgr("reconcile", "-o", "json")
+        assert run.code == 0, run.err
+        rows = json.loads(trustmgr("rotate", "status", "-o", "json").out)
+        if not rows:
+            break
+        phases.append(rows[0]["phase"])
+        assert trustmgr("verify").code == 0
+    assert phases == ["prepared", "trust-distributed", "issuer-switched", "old-removed"]
+    web_chain = load_certificates((workdir / "out/web-1/cert-chain.pem").read_bytes(), "c")
+    pci_chain = load_certificates((workdir / "out/pci-east/cert-chain.pem").read_bytes(), "c")
+    assert web_chain[-1] == pci_chain[-1]  # under the Vault root now
+    for cluster in ("web-1", "pci-east", "pci-west"):
+        bundle = TrustBundle.from_pem((workdir / "out" / cluster / "root-cert.pem").read_bytes())
+        assert corp_root not in bundle
+    assert_openssl_enforces_trust_domain(
+        workdir / "out/web-1", "web.example", "payments.example", workdir
+    )
