@@ -64,6 +64,7 @@ __all__ = [
     "ROOT_CERT_FILE",
     "EnvoyListener",
     "EnvoyStartError",
+    "ListenerGroup",
     "MtlsResult",
     "WorkloadFiles",
     "envoy_binary",
@@ -657,6 +658,72 @@ class EnvoyListener:
 
 
 _TLS_ERROR_RE = re.compile(r"TLS_error:\|?(.*?):?TLS_error_end")
+
+
+class ListenerGroup(EnvoyListener):
+    """Several listeners served by ONE Envoy process, each on its own port: one process
+    start (the slow part) instead of one per listener.
+
+    Use it as a single listener (context manager, ``start()``/``stop()``, or
+    :func:`running`). While it runs, every member's ``port`` works, and every member's
+    ``log_path``, ``tls_errors()`` and ``stats()`` read the shared process's log and admin
+    interface (so they cover all members). The members themselves are never launched.
+    """
+
+    def __init__(
+        self, listeners: Sequence[EnvoyListener], *, name: str = "group", **kwargs: Any
+    ) -> None:
+        if not listeners:
+            raise ValueError("a listener group needs at least one listener")
+        names = [lst.name for lst in listeners]
+        if len(set(names)) != len(names):
+            raise ValueError("listener names in a group must be unique")
+        first = listeners[0]
+        super().__init__(
+            name=name,
+            cert_chain=first.cert_chain,
+            private_key=first.private_key,
+            trusted_ca=first.trusted_ca,
+            spiffe_bundles=first.spiffe_bundles,
+            **kwargs,
+        )
+        self.listeners = list(listeners)
+
+    def bootstrap(self) -> dict[str, Any]:
+        config = super().bootstrap()
+        config["static_resources"]["listeners"] = [
+            lst.bootstrap()["static_resources"]["listeners"][0] for lst in self.listeners
+        ]
+        return config
+
+    def _poll_ready(self, admin_path: Path) -> None:
+        if self.admin_port is None:
+            text = admin_path.read_text().strip() if admin_path.exists() else ""
+            if not text:
+                return
+            self.admin_port = int(text.rsplit(":", 1)[1])
+        status, body = _admin_get(self.admin_port, "/ready")
+        if status != 200 or body.strip() != b"LIVE":
+            return
+        status, body = _admin_get(self.admin_port, "/listeners?format=json")
+        if status != 200:
+            return
+        ports = {
+            entry.get("name"): int(entry["local_address"]["socket_address"]["port_value"])
+            for entry in json.loads(body).get("listener_statuses", [])
+        }
+        if not all(ports.get(lst.name) for lst in self.listeners):
+            return
+        for lst in self.listeners:
+            lst._port = ports[lst.name]
+            lst.admin_port = self.admin_port
+            lst.work_dir = self.work_dir
+        self._port = self.listeners[0].port
+
+    def stop(self) -> None:
+        super().stop()
+        for lst in self.listeners:
+            lst._port = None
 
 
 @contextlib.contextmanager
