@@ -443,3 +443,29 @@ def test_a_move_is_aborted_only_with_the_configuration_set_back(mesh: Path, work
     end = _held(workdir)
     for cluster in A_AND_B:
         assert end[cluster].material.root_cert == start[cluster].material.root_cert
+
+
+def test_an_abort_after_the_switch_keeps_the_new_root_for_the_soak(workdir: Path) -> None:
+    config = workdir / "trustmgr.yaml"
+    config.write_text(CONFIG.replace("SOAK", "24h"))
+    assert trustmgr("bootstrap").code == 0
+    trustmgr("rotate", "start", "--provider", "corp")
+    trustmgr("reconcile")  # trust-distributed
+    trustmgr("reconcile")  # issuer-switched: the canary signs under the new root
+    new = _rotating(workdir)[0]["newRoots"][0]  # type: ignore[index]
+    assert trustmgr("rotate", "rollback", "--provider", "corp").code == 0
+    trustmgr("reconcile")
+    assert trustmgr("rotate", "abort", "--provider", "corp").code == 0
+    for _ in range(3):
+        trustmgr("reconcile")
+    (row,) = _rotating(workdir)
+    assert row["phase"] == "trust-distributed"
+    assert str(row["blocked"]).startswith("aborting: the new root stays trusted until ")
+    assert all(new in h.bundle for c, h in _held(workdir).items() if c in A_AND_B)
+    cfg = config_mod.load(config)
+    later = datetime.now(UTC) + timedelta(hours=25)
+    for _ in range(3):
+        with Workspace.build(cfg, clock=lambda: later) as ws:
+            apply(ws)
+    assert not _rotating(workdir)
+    assert all(new not in h.bundle for h in _held(workdir).values())

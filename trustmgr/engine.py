@@ -188,8 +188,15 @@ def change_rotation(ws: Workspace, key: str, how: str) -> RotationRecord:
                     f"rotation {record.id} is at {phase}: cluster CAs are under the new root; "
                     "`trustmgr rotate rollback` to trust-distributed first, then abort"
                 )
+            # Once the new root has signed, it leaves the bundles only after the
+            # soak (the gate sees to it); before, at once.
+            back = Phase.TRUST_DISTRIBUTED if record.switched else Phase.PREPARED
             changed = replace(
-                record, phase=Phase.PREPARED, converged_at=None, held=False, aborting=True
+                record,
+                phase=back if phase is not Phase.PREPARED else phase,
+                converged_at=None,
+                held=False,
+                aborting=True,
             )
         else:
             changed = replace(record, held=False)

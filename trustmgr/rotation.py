@@ -108,6 +108,20 @@ def gate(
             blocked=f"held after {how}: `trustmgr rotate resume {_option(record)}` continues",
         )
     if record.aborting:
+        if record.phase is Phase.TRUST_DISTRIBUTED:
+            # Rolled back from the switch: workloads may still hold certificates
+            # under the new root; it stays trusted for the soak, as the old one did.
+            if now < seen + soak:
+                return RotationStep(
+                    record.key,
+                    settled,
+                    blocked=f"aborting: the new root stays trusted until {seen + soak:%Y-%m-%d %H:%M}Z",
+                )
+            return RotationStep(
+                record.key,
+                replace(record, phase=Phase.PREPARED, phase_at=now, converged_at=None),
+                advanced_from=record.phase,
+            )
         return RotationStep(record.key, settled, aborted=True)
     if record.phase is Phase.ISSUER_SWITCHED and now < seen + soak:
         return RotationStep(
@@ -120,7 +134,13 @@ def gate(
     ahead = record.phase.next()
     return RotationStep(
         record.key,
-        replace(record, phase=ahead, phase_at=now, converged_at=None),
+        replace(
+            record,
+            phase=ahead,
+            phase_at=now,
+            converged_at=None,
+            switched=record.switched or ahead is Phase.ISSUER_SWITCHED,
+        ),
         advanced_from=record.phase,
     )
 

@@ -99,6 +99,9 @@ class RotationRecord:
     """Rolled back: converge to this phase and stay until resumed."""
     aborting: bool = False
     """Aborted: converge back to prepared, then drop the rotation."""
+    switched: bool = False
+    """The new root has signed cluster CAs (issuer-switched was reached): workloads
+    may hold certificates under it until the soak has passed, whatever comes next."""
     mesh: str = ""
     """For a move: the mesh moving from ``from_provider`` to ``provider``."""
     from_provider: str = ""
@@ -116,6 +119,7 @@ class RotationRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "switched": self.switched,
             "mesh": self.mesh,
             "fromProvider": self.from_provider,
             "held": self.held,
@@ -146,6 +150,7 @@ class RotationRecord:
             converged_at=datetime.fromisoformat(converged) if converged else None,
             held=bool(data.get("held", False)),
             aborting=bool(data.get("aborting", False)),
+            switched=bool(data.get("switched", False)),
             mesh=str(data.get("mesh", "")),
             from_provider=str(data.get("fromProvider", "")),
         )
