@@ -97,11 +97,16 @@ class RootKeeper(Protocol):
 class BlobStore(Protocol):
     """Durable storage a provider may keep its own material in (the self-signed
     provider keeps its root there). Writes are atomic; files holding secrets are
-    written readable by the owner only."""
+    written readable by the owner only. A failed write or removal raises
+    StateError and leaves the blob as it was."""
 
     def load(self, name: str) -> bytes | None: ...
 
     def save(self, name: str, data: bytes, *, secret: bool) -> None: ...
+
+    def delete(self, name: str) -> None:
+        """Remove ``name``; nothing happens if it is not there."""
+        ...
 
 
 def read_secret(source: str, *, env: str | None = None, file: str | None = None) -> str:

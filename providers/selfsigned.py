@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from datetime import timedelta
 
 from cryptography import x509
@@ -11,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
+from trustmgr.errors import StateError
+from trustmgr.providers import keyseal
 from trustmgr.providers.base import (
     BACKDATE,
     BlobStore,
@@ -31,6 +35,8 @@ LEGACY_CERT, LEGACY_KEY = "root-cert.pem", "root-key.pem"
 
 _Root = tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]
 
+log = logging.getLogger(__name__)
+
 
 class SelfSignedProvider:
     """Signs cluster CA CSRs with a root it owns.
@@ -48,6 +54,8 @@ class SelfSignedProvider:
         self._clock = clock
         self._root: _Root | None = None
         self._prepared: _Root | None = None
+        self._reseal_lock = threading.Lock()
+        self._resealed = False
 
     def _passphrase(self) -> bytes:
         cfg = self._config
@@ -97,11 +105,7 @@ class SelfSignedProvider:
         self.prepare_root()
         assert self._prepared is not None
         cert, key = self._prepared
-        encrypted = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(self._passphrase()),
-        )
+        encrypted = keyseal.seal(key, self._passphrase())
         unit = cert.public_bytes(serialization.Encoding.PEM) + encrypted
         self._store.save(f"{self.name}/{ROOT}", unit, secret=True)
         self._root, self._prepared = self._prepared, None
@@ -160,8 +164,13 @@ class SelfSignedProvider:
                 f"restore {LEGACY_KEY} from a backup"
             )
         try:
-            key = serialization.load_pem_private_key(data, password=self._passphrase())
-        except (ValueError, TypeError):
+            key = keyseal.unseal(data, self._passphrase())
+        except keyseal.SealFormatError as exc:
+            raise ProviderNeedsFixError(
+                f"provider {self.name}: cannot read the root key: {exc}; restore {ROOT} from a "
+                "backup"
+            ) from None
+        except keyseal.UnsealError:
             raise ProviderNeedsFixError(
                 f"provider {self.name}: cannot decrypt the root key; check the passphrase "
                 f"({self._passphrase_source()}) or restore {ROOT} from a backup"
@@ -184,6 +193,52 @@ class SelfSignedProvider:
         self._root = (cert, key)
         return self._root
 
+    def _reseal_once(self) -> None:
+        """Store the unlocked root as one unit sealed at the current cost, if it
+        is not yet; once per provider, on the first signing, so under the run's
+        lock. A failure leaves the stored root as it was, still usable."""
+        with self._reseal_lock:
+            if self._resealed:
+                return
+            self._resealed = True
+            try:
+                self._reseal()
+            except StateError as exc:
+                log.warning(
+                    "provider %s: sealing the root key again did not finish; a later run finishes it: %s",
+                    self.name,
+                    exc,
+                )
+
+    def _reseal(self) -> None:
+        assert self._root is not None
+        cert, key = self._root
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        unit_name = f"{self.name}/{ROOT}"
+        unit = self._store.load(unit_name)
+        if unit is not None:
+            certs, keys = _split(unit)
+            if not _holds(certs, cert):
+                return  # not the root just unlocked: never overwritten here
+        if unit is None or len(keys) != 1 or not _sealed_current(keys[0]):
+            passphrase = self._passphrase()
+            sealed = keyseal.seal(key, passphrase)
+            if not _unseals_to(sealed, passphrase, key):
+                raise StateError(f"{unit_name}: the key sealed again does not decrypt to itself")
+            unit = cert_pem + sealed
+            self._store.save(unit_name, unit, secret=True)
+            if self._store.load(unit_name) != unit:
+                raise StateError(f"{unit_name} does not read back as written")
+            log.info("provider %s: root key sealed as %s", self.name, keyseal.describe(sealed))
+        # the key first: should the run stop between the two, no copy of the key
+        # sealed the earlier way is left, and the certificate is removed next time
+        legacy_key = self._store.load(f"{self.name}/{LEGACY_KEY}")
+        if legacy_key is not None and _unseals_to(legacy_key, self._passphrase(), key):
+            self._store.delete(f"{self.name}/{LEGACY_KEY}")
+        legacy_cert = self._store.load(f"{self.name}/{LEGACY_CERT}")
+        if legacy_cert is not None and _holds(_split(legacy_cert)[0], cert):
+            self._store.delete(f"{self.name}/{LEGACY_CERT}")
+
     def unlock(self) -> None:
         if self.has_root():
             self._load_root()
@@ -197,6 +252,7 @@ class SelfSignedProvider:
 
     def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
         root, key = self._load_root()
+        self._reseal_once()
         if not csr.is_signature_valid:
             raise ProviderNeedsFixError(f"provider {self.name}: the CSR's signature is invalid")
         now = self._clock()
@@ -237,6 +293,29 @@ def _split(unit: bytes) -> tuple[list[bytes], list[bytes]]:
         elif kind == b"ENCRYPTED PRIVATE KEY":
             keys.append(match.group(0))
     return certs, keys
+
+
+def _holds(certs: list[bytes], cert: x509.Certificate) -> bool:
+    try:
+        return len(certs) == 1 and x509.load_pem_x509_certificate(certs[0]) == cert
+    except ValueError:
+        return False
+
+
+def _sealed_current(key: bytes) -> bool:
+    try:
+        return keyseal.describe(key).current
+    except keyseal.SealFormatError:
+        return False
+
+
+def _unseals_to(data: bytes, passphrase: bytes, key: CertificateIssuerPrivateKeyTypes) -> bool:
+    try:
+        found = keyseal.unseal(data, passphrase)
+    except keyseal.UnsealError:
+        return False
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return found.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
 
 
 def _load_cert(provider: str, data: bytes) -> x509.Certificate:

@@ -49,6 +49,14 @@ class _Blobs:
         except OSError as exc:
             raise StateError(f"cannot write {path}: {exc.strerror}") from None
 
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            # not synced: a removal lost in a crash is done again by the next run
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot remove {path}: {exc.strerror}") from None
+
 
 class FileStateStore:
     def __init__(self, path: Path) -> None:
