@@ -140,3 +140,6 @@ class _Prefixed:
 
     def save(self, name: str, data: bytes, *, secret: bool) -> None:
         self._blobs.save(self._prefix + name, data, secret=secret)
+
+    def delete(self, name: str) -> None:
+        self._blobs.delete(self._prefix + name)
