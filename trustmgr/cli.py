@@ -530,6 +530,41 @@ def verify(obj: Context, output: str) -> None:
         sys.exit(EXIT_FAILED)
 
 
+@cli.command()
+@click.option("--once", is_flag=True, help="Run one pass and exit, with reconcile's exit code.")
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@workers_option
+@click.pass_obj
+def daemon(obj: Context, once: bool, log_format: str, workers: int) -> None:
+    """Run the reconcile pass on a schedule, serving /metrics, /healthz and /readyz."""
+    from trustmgr.daemon import Daemon
+    from trustmgr.logs import use_json
+
+    if log_format == "json":
+        use_json()
+    logging.getLogger("trustmgr").setLevel(
+        min(logging.INFO, logging.getLogger("trustmgr").getEffectiveLevel())
+    )
+    config = obj.config()
+    runner = Daemon(
+        config,
+        clock=now_utc,
+        workspace=lambda: Workspace.build(config, clock=now_utc),
+        workers=workers,
+    )
+    if once:
+        report = runner.run_pass()
+        if report is None:
+            sys.exit(EXIT_FAILED)
+        sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+    with stopping_on_signals() as (stop, received):
+        runner.stop = stop
+        runner.run()
+    sys.exit(128 + received[0] if received else EXIT_OK)
+
+
 @cli.group()
 def rotate() -> None:
     """Root rotation: a new root brought to every cluster without an outage."""

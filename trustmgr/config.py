@@ -194,8 +194,23 @@ class RotationConfig(Model):
     """Start a rotation of a self-signed root this long before it expires (0: never by itself)."""
 
 
+class DaemonConfig(Model):
+    """How ``trustmgr daemon`` runs its passes and serves its endpoints."""
+
+    interval: Duration = timedelta(minutes=5)
+    jitter: NonNegativeDuration = timedelta(seconds=30)
+    listen: str = Field(default="0.0.0.0:9403", pattern=r"^[^\s:]*(\[[0-9a-fA-F:]+\])?:\d{1,5}$")
+
+    @model_validator(mode="after")
+    def _jitter_inside_interval(self) -> DaemonConfig:
+        if self.jitter >= self.interval:
+            raise ValueError("jitter must be shorter than interval, or passes could overlap")
+        return self
+
+
 class Config(Model):
     state_store: StateStoreConfig = StateStoreConfig()
+    daemon: DaemonConfig = DaemonConfig()
     rotation: RotationConfig = RotationConfig()
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     meshes: dict[str, MeshConfig] = Field(min_length=1)

@@ -91,7 +91,9 @@ def apply(
     observation = observe_all(ws, workers=workers)
     plan = decide(ws.config, observation, adopt=adopt)
     if not plan.pending:
-        return Report(plan, tuple(outcome(c, ok=True) for c in plan.clusters))
+        return Report(
+            plan, tuple(outcome(c, ok=True) for c in plan.clusters), observation=observation
+        )
     preflight(ws, plan)
     with ws.store.lock():
         if ws.store.load().version != observation.state.version:
@@ -99,7 +101,8 @@ def apply(
             observation = observe_all(ws, workers=workers)
             plan = decide(ws.config, observation, adopt=adopt)
             preflight(ws, plan)
-        return execute(ws, plan, observation, workers=workers, stop=stop, progress=progress)
+        report = execute(ws, plan, observation, workers=workers, stop=stop, progress=progress)
+        return replace(report, observation=observation)
 
 
 def start_rotation(ws: Workspace, provider: str) -> RotationRecord:

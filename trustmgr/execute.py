@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
 from trustmgr.errors import TargetConflictError, TargetError, TrustmgrError
@@ -62,6 +62,8 @@ class Report:
     outcomes: tuple[ClusterOutcome, ...] = ()
     roots_created: tuple[str, ...] = ()
     interrupted: bool = False
+    observation: Observation | None = field(default=None, compare=False, repr=False)
+    """What the plan was made from."""
 
     @property
     def ok(self) -> bool:
@@ -213,6 +215,11 @@ def _apply_all(
     return [results[c.cluster] for c in plan.clusters]
 
 
+def _fields(c: ClusterPlan) -> dict[str, str]:
+    """Fields of a log record about one cluster (``--log-format json`` shows them)."""
+    return {"cluster": c.cluster, "mesh": c.mesh}
+
+
 def _apply_cluster_guarded(
     ws: Workspace, c: ClusterPlan, reading: Reading
 ) -> tuple[ClusterOutcome, ClusterRecord | None]:
@@ -221,7 +228,7 @@ def _apply_cluster_guarded(
     try:
         return _apply_cluster(ws, c, reading)
     except Exception as exc:
-        log.debug("cluster %s: unexpected error", c.cluster, exc_info=True)
+        log.debug("cluster %s: unexpected error", c.cluster, exc_info=True, extra=_fields(c))
         error = f"unexpected {type(exc).__name__}; run with -vv for the traceback"
         return outcome(c, ok=False, error=error), None
 
@@ -258,7 +265,7 @@ def _apply_cluster(
                 )
             target.write(material, adopt=d.adopt)
         except TargetConflictError as exc:
-            log.info("cluster %s: %s; reading it again", c.cluster, exc)
+            log.info("cluster %s: %s; reading it again", c.cluster, exc, extra=_fields(c))
             reading = read_cluster(ws, c.cluster)
             if reading.material == material and reading.why_foreign is None:
                 break  # our write landed, its answer was lost
@@ -266,7 +273,7 @@ def _apply_cluster(
             continue
         except (TrustmgrError, ProviderError) as exc:
             kind = "transient" if isinstance(exc, ProviderTransientError) else "error"
-            log.warning("cluster %s: %s (%s)", c.cluster, exc, kind)
+            log.warning("cluster %s: %s (%s)", c.cluster, exc, kind, extra=_fields(c))
             return outcome(c, ok=False, error=str(exc)), None
         break
     else:
