@@ -324,7 +324,7 @@ CASES = [
     ),
     Case(
         "state-from-elsewhere",
-        "state/state.json: state format 9 is not 1",
+        "state/state.json: state format 9 is not 2",
         2,
         write("state/state.json", b'{"format": 9}'),
         after_bootstrap=True,

@@ -310,3 +310,21 @@ def test_global_options_work_after_the_subcommand_and_from_the_environment(
     assert plan.code == 0, plan.err
     assert "nothing to do" in plan.out
     assert PASSPHRASE not in plan.out + plan.err
+
+
+def test_a_state_of_the_previous_format_is_read_and_an_unknown_one_refused(
+    workdir: Path,
+) -> None:
+    _config(workdir)
+    assert trustmgr("bootstrap").code == 0
+    state = workdir / "state/state.json"
+    data = json.loads(state.read_text())
+    data["format"] = 1
+    for key in ("rotations", "generations"):
+        data.pop(key)
+    state.write_text(json.dumps(data))
+    assert "0 changed" in trustmgr("reconcile").out
+    data["format"] = 3
+    state.write_text(json.dumps(data))
+    run = trustmgr("reconcile")
+    assert run.code == 2 and "state format 3 is not 2" in run.err

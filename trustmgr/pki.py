@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -477,8 +478,51 @@ def chain_problems(material: CACerts) -> list[str]:
     return problems
 
 
+_SEEN_MAX = 8192
+_seen: dict[tuple[str, str | None], tuple[ObservedCA, datetime, datetime]] = {}
+_seen_lock = threading.Lock()
+
+
 def observe(material: CACerts, *, trust_domain: str | None, now: datetime) -> ObservedCA:
-    """Parse and check a target's material. Never raises on bad material."""
+    """Parse and check a target's material. Never raises on bad material.
+
+    The answer depends on ``now`` only through comparisons with the validity
+    bounds of the certificates in ``material``; it is kept (by the material's
+    digest) with the open interval between the bounds around the time it was
+    made, and given again for any ``now`` inside it: a process that observes the
+    same material pass after pass (the daemon) parses and verifies it once."""
+    key = (material.digest(), trust_domain)
+    kept = _seen.get(key)
+    if kept is not None and kept[1] < now < kept[2]:
+        return kept[0]
+    observed = _observe(material, trust_domain=trust_domain, now=now)
+    after, before = _bounds_around(material, now)
+    if after < now < before:
+        with _seen_lock:
+            if len(_seen) >= _SEEN_MAX:
+                _seen.clear()
+            _seen[key] = (observed, after, before)
+    return observed
+
+
+def _bounds_around(material: CACerts, now: datetime) -> tuple[datetime, datetime]:
+    """The latest validity bound of any certificate of ``material`` at or before
+    ``now``, and the earliest after it (an empty interval when unparseable)."""
+    try:
+        certs = [
+            *load_certificates(material.ca_cert, "ca-cert.pem"),
+            *load_certificates(material.cert_chain, "cert-chain.pem"),
+            *load_certificates(material.root_cert, "root-cert.pem"),
+        ]
+    except BadMaterialError:
+        return now, now
+    bounds = [b for c in certs for b in (c.not_valid_before_utc, c.not_valid_after_utc)]
+    after = max((b for b in bounds if b <= now), default=datetime.min.replace(tzinfo=now.tzinfo))
+    before = min((b for b in bounds if b > now), default=datetime.max.replace(tzinfo=now.tzinfo))
+    return after, before
+
+
+def _observe(material: CACerts, *, trust_domain: str | None, now: datetime) -> ObservedCA:
     problems = istiod_problems(material, now=now) + chain_problems(material)
     try:
         ca = load_certificates(material.ca_cert, "ca-cert.pem")[0]

@@ -814,17 +814,24 @@ def _refuse_root_swap(
         more = f" (and {len(lost) - 1} more root(s))" if len(lost) > 1 else ""
         has = "has no root" if not observation.roots.get(provider) else "has another root"
         raise BadInputError(
-            f"clusters {', '.join(sorted(clusters))} hold CAs trustmgr issued under root "
+            f"clusters {_some(clusters)} hold CAs trustmgr issued under root "
             f"{_colons(root)}, but provider {provider} {has}{more}: restore that root "
             f"(the state store's providers/{provider}/) from a backup; moving clusters to "
             "another root is a root rotation, never a side effect"
         )
     for provider, issued in sorted(recorded_without_root.items()):
         raise BadInputError(
-            f"provider {provider} has no root, yet clusters {', '.join(issued)} were issued "
+            f"provider {provider} has no root, yet clusters {_some(issued)} were issued "
             f"under one: restore providers/{provider}/ in the state store from a backup "
             "(to start over with a new root, remove the state's state.json first)"
         )
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """Names for a one-line message: the first few, then how many more."""
+    names = sorted(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _colons(fp: str) -> str:

@@ -9,7 +9,10 @@ from typing import Any
 
 from trustmgr.errors import StateError
 
-FORMAT = 1
+FORMAT = 2
+"""2: rotations and generations; self-signed roots stored as one unit (root.pem).
+Format 1 is read as well; a release that knows only 1 refuses format 2."""
+READABLE = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ class State:
     @classmethod
     def from_json(cls, data: Any, source: str) -> State:
         try:
-            if data.get("format") != FORMAT:
+            if data.get("format") not in READABLE:
                 raise StateError(
                     f"{source}: state format {data.get('format')!r} is not {FORMAT}; "
                     "use the trustmgr version that wrote it"

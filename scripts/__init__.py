@@ -1,0 +1,1 @@
+"""Benchmarks and helpers run by the scripts beside them."""
