@@ -22,7 +22,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from cryptography import x509
@@ -166,6 +166,10 @@ def _idempotency_token(csr: x509.CertificateSigningRequest) -> str:
     return hashlib.sha256(der).hexdigest()[:32]
 
 
+AUTHORITY_MAX_AGE = timedelta(minutes=5)
+"""How long sign_ca reuses the private CA's certificates before reading them again."""
+
+
 class AcmPcaProvider:
     """Issues cluster CAs from an AWS Private CA that already exists.
 
@@ -193,6 +197,7 @@ class AcmPcaProvider:
         self._poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self._signing_algorithm: SigningAlgorithmType | None = None
+        self._authority: tuple[datetime, x509.Certificate, list[x509.Certificate]] | None = None
         self.template_arn = config.template_arn or default_template_arn(
             config.certificate_authority_arn
         )
@@ -202,9 +207,9 @@ class AcmPcaProvider:
         return self._config.certificate_authority_arn
 
     def roots(self) -> tuple[x509.Certificate, ...]:
-        """The self-signed root the private CA chains to (itself, for a root CA)."""
+        """The self-signed root the private CA chains to (itself, for a root CA), read now."""
         self._check_active()
-        ca, above = self._authority_certificates()
+        ca, above = self._authority_certificates(max_age=None)
         return self._roots_of(ca, above)
 
     def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
@@ -213,7 +218,7 @@ class AcmPcaProvider:
         refuses a certificate that outlives its issuers). Its notBefore is
         ``BACKDATE`` ago, or the private CA's notBefore if that is later."""
         algorithm = self._check_active()
-        ca, above = self._authority_certificates()
+        ca, above = self._authority_certificates(max_age=AUTHORITY_MAX_AGE)
         now = self._clock()
         not_after = min([now + ttl, *(c.not_valid_after_utc for c in (ca, *above))])
         not_before = max(now - BACKDATE, ca.not_valid_before_utc)
@@ -292,15 +297,25 @@ class AcmPcaProvider:
         self._signing_algorithm = algorithm
         return algorithm
 
-    def _authority_certificates(self) -> tuple[x509.Certificate, list[x509.Certificate]]:
-        """The private CA's own certificate and those above it, root last."""
+    def _authority_certificates(
+        self, *, max_age: timedelta | None
+    ) -> tuple[x509.Certificate, list[x509.Certificate]]:
+        """The private CA's own certificate and those above it, root last: read
+        now, or kept from a read younger than ``max_age``, so that signing many
+        clusters asks for them once."""
+        now = self._clock()
+        kept = self._authority
+        if max_age is not None and kept is not None and now - kept[0] < max_age:
+            return kept[1], kept[2]
         with self._aws("GetCertificateAuthorityCertificate"):
             answer = self._pca().get_certificate_authority_certificate(
                 CertificateAuthorityArn=self.certificate_authority_arn
             )
         ca = self._load("the CA certificate", answer.get("Certificate"), at_least=1)[0]
         # A root CA has no chain: it is its own root.
-        return ca, self._load("the CA's chain", answer.get("CertificateChain"))
+        above = self._load("the CA's chain", answer.get("CertificateChain"))
+        self._authority = (now, ca, above)
+        return ca, above
 
     def _roots_of(
         self, ca: x509.Certificate, above: list[x509.Certificate]

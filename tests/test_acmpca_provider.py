@@ -413,7 +413,7 @@ def test_a_retried_issuance_sends_the_same_idempotency_token(
     authority = Authority.create(NOW)
     request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
     later = NOW + timedelta(minutes=2)
-    clock = iter([NOW, later])
+    clock = iter([NOW, NOW, later, later])
     issued = authority.sign(request.csr, not_after=NOW + timedelta(days=1), now=NOW)
     _expect_start(stubber, authority)
     issue = {
@@ -433,11 +433,7 @@ def test_a_retried_issuance_sends_the_same_idempotency_token(
             "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": int((NOW - BACKDATE).timestamp())},
         },
     )
-    stubber.add_response(
-        "get_certificate_authority_certificate",
-        authority.certificate_answer(),
-        {"CertificateAuthorityArn": ARN},
-    )
+    # The CA's certificates, read two minutes ago, are not asked for again.
     stubber.add_response(
         "issue_certificate",
         {"CertificateArn": CERT_ARN},
@@ -1048,3 +1044,32 @@ meshes:
         chain = load_certificates((directory / "cert-chain.pem").read_bytes(), "cert-chain.pem")
         assert len(chain) == 3  # cluster CA, the private CA (a subordinate), its root
         assert_openssl_enforces_trust_domain(directory, "payments.example", "web.example", workdir)
+
+
+def test_signing_many_clusters_asks_for_the_ca_certificate_once(
+    pca_client: ACMPCAClient, stubber: Stubber
+) -> None:
+    """Provider calls per pass do not grow with the cluster count: only the
+    issuance itself is per cluster."""
+    authority = Authority.create(NOW)
+    _expect_start(stubber, authority)
+    requests = [
+        cluster_ca_request(TRUST_DOMAIN, cluster=f"c{i}", algorithm=KeyAlgorithm.ECDSA_P256)
+        for i in range(5)
+    ]
+    for request in requests:
+        issued = authority.sign(request.csr, not_after=NOW + timedelta(days=1), now=NOW)
+        stubber.add_response("issue_certificate", {"CertificateArn": CERT_ARN})
+        _expect_polls(stubber, authority, issued, in_progress=0)
+    provider = _provider(pca_client)
+    for request in requests:
+        provider.sign_ca(request.csr, timedelta(days=1))
+    stubber.assert_no_pending_responses()
+    # roots() always asks AWS: a pass learns of a renewed CA certificate at once.
+    stubber.add_response(
+        "get_certificate_authority_certificate",
+        authority.certificate_answer(),
+        {"CertificateAuthorityArn": ARN},
+    )
+    assert provider.roots()
+    stubber.assert_no_pending_responses()
