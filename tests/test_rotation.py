@@ -469,3 +469,17 @@ def test_an_abort_after_the_switch_keeps_the_new_root_for_the_soak(workdir: Path
             apply(ws)
     assert not _rotating(workdir)
     assert all(new not in h.bundle for h in _held(workdir).values())
+
+
+def test_one_rotation_at_a_time_where_bundles_are_shared(mesh: Path, workdir: Path) -> None:
+    """Two roots retiring from one bundle cannot both sit at its ends, where istiod
+    before 1.30 needs a removed root: a second rotation there waits its turn."""
+    assert trustmgr("rotate", "start", "--provider", "corp").code == 0
+    second = trustmgr("rotate", "start", "--provider", "partner")  # b federates with a
+    assert second.code == 2
+    assert "the rotation of provider corp (prepared) shares trust bundles" in second.err
+    assert trustmgr("rotate", "start", "--provider", "iso").code == 0  # c shares nothing
+    for _ in range(8):
+        trustmgr("reconcile")
+    assert not _rotating(workdir)
+    assert trustmgr("rotate", "start", "--provider", "partner").code == 0

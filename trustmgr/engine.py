@@ -44,7 +44,14 @@ from trustmgr.observe import (
     read_cluster,
 )
 from trustmgr.pki import ObservedCA, istiod_problems, observe
-from trustmgr.planner import Plan, Reload, change_reload, decide, federation_at
+from trustmgr.planner import (
+    Plan,
+    Reload,
+    change_reload,
+    decide,
+    federation_at,
+    overlapping,
+)
 from trustmgr.providers import RootKeeper
 from trustmgr.state.model import BundleRecord, Phase, RotationRecord
 from trustmgr.targets.base import Rollbackable
@@ -125,6 +132,23 @@ def start_rotation(ws: Workspace, provider: str) -> RotationRecord:
             raise BadInputError(
                 f"provider {provider} is already rotating (rotation {r.id}, phase {r.phase}); "
                 "see `trustmgr rotate status`"
+            )
+        candidate = RotationRecord(
+            id="",
+            provider=provider,
+            phase=Phase.PREPARED,
+            generation="",
+            old_roots=(),
+            new_roots=(),
+            started_at=ws.clock(),
+            phase_at=ws.clock(),
+        )
+        busy = overlapping(ws.config, candidate, state.rotations.values())
+        if busy is not None:
+            raise BadInputError(
+                f"the {busy.what} ({busy.phase}) shares trust bundles with provider "
+                f"{provider}'s meshes; one rotation at a time keeps them hot-reloadable: "
+                "start this one once that one is done"
             )
         old = current.roots()
         if not old:

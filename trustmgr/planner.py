@@ -6,7 +6,7 @@ passes; the first that speaks decides (cert-manager's renewal policies)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -550,6 +550,16 @@ def decide(
             )
     rotations = _valid_rotations(config, observation)
     moves = _moves(config, observation, rotations, now)
+    for step in moves:
+        busy = overlapping(config, step.record, rotations.values())
+        if busy is not None:
+            raise BadInputError(
+                f"mesh {step.record.mesh} would move from provider {step.record.from_provider} "
+                f"to {step.record.provider}, but the {busy.what} ({busy.phase}) shares trust "
+                f"bundles with it, and one rotation at a time keeps them hot-reloadable: set "
+                f"meshes.{step.record.mesh}.provider back to {step.record.from_provider} until "
+                "that one is done"
+            )
     everything = {**rotations, **{s.record.key: s.record for s in moves}}
     _refuse_root_swap(config, observation, _scopes(config, observation, everything))
     phases = {k: r.phase for k, r in everything.items()}
@@ -570,6 +580,18 @@ def decide(
     for provider, (generation, root) in sorted(observation.upcoming.items()):
         if provider in rotations:
             continue
+        candidate = RotationRecord(
+            id=generation,
+            provider=provider,
+            phase=Phase.PREPARED,
+            generation=generation,
+            old_roots=(),
+            new_roots=(),
+            started_at=now,
+            phase_at=now,
+        )
+        if overlapping(config, candidate, [*rotations.values(), *(s.record for s in steps)]):
+            continue  # starts once the rotation sharing its bundles is done
         ends = max(r.not_valid_after_utc for r in observation.roots[provider])
         steps.append(
             RotationStep(
@@ -681,6 +703,19 @@ def affected_clusters(config: Config, meshes: frozenset[str] | set[str]) -> set[
     """Clusters of ``meshes`` and of every mesh federated with one of them."""
     around = set(meshes) | {peer for m in meshes for peer in config.federated_with(m)}
     return {c for m, c, _ in config.clusters() if m in around}
+
+
+def overlapping(
+    config: Config, record: RotationRecord, others: Iterable[RotationRecord]
+) -> RotationRecord | None:
+    """Another rotation whose clusters share trust bundles with ``record``'s.
+    Two roots retiring from one bundle cannot both sit at its ends, where
+    istiod before 1.30 needs a removed root to be: one rotation at a time there."""
+    mine = rotation_clusters(config, record)
+    for other in others:
+        if other.key != record.key and mine & rotation_clusters(config, other):
+            return other
+    return None
 
 
 def rotation_clusters(config: Config, record: RotationRecord) -> set[str]:
