@@ -18,7 +18,8 @@ it unmodified:
   Forbidden, Invalid, BadRequest, Unauthorized), so the client raises ``ApiException`` with the
   real ``.status`` and ``.body``.
 * Bearer-token authentication, an RBAC-like allow/deny rule set (:meth:`KubeEmulator.deny`,
-  :meth:`KubeEmulator.allow`), per-verb request counters (:attr:`KubeEmulator.requests`) and
+  :meth:`KubeEmulator.allow`), per-verb request counters (:attr:`KubeEmulator.requests`), a
+  write log of every committed write in order (:attr:`KubeEmulator.write_log`) and
   fault injection (:class:`Fault`): error statuses, delays, dropped or late answers and hooks that
   run between requests.
 
@@ -37,6 +38,7 @@ import asyncio
 import base64
 import binascii
 import copy
+import itertools
 import json
 import random
 import re
@@ -58,6 +60,7 @@ __all__ = [
     "RequestRecord",
     "ResourceType",
     "Rule",
+    "WriteRecord",
     "merge_kubeconfigs",
     "start_many",
     "stop_many",
@@ -331,6 +334,29 @@ class RequestRecord:
     namespace: str
     name: str
     status: int = 0
+
+
+_WRITE_SEQUENCE: Final = itertools.count(1)
+"""Orders committed writes across every emulator of the process: all are served by one loop."""
+
+
+@dataclass(frozen=True)
+class WriteRecord:
+    """One write that an HTTP request committed (the resourceVersion moved).
+
+    ``object`` is the object as stored after the write, which is what a watcher (istiod's
+    informer) sees next; None for a delete.  ``sequence`` orders writes across every emulator
+    in the process, so the logs of several clusters merge into the order they happened in.
+    A write whose answer was lost or delayed (:class:`Fault`) is logged all the same.
+    """
+
+    sequence: int
+    verb: str
+    resource: str
+    namespace: str
+    name: str
+    object: Obj | None
+    resource_version: str
 
 
 # --- selectors and patches ------------------------------------------------------------------
@@ -840,6 +866,7 @@ class KubeEmulator:
         self.token = token
         self.user = user
         self.requests: list[RequestRecord] = []
+        self.write_log: list[WriteRecord] = []
         self.errors: list[BaseException] = []  # emulator bugs, answered as 500
         self._lock = threading.RLock()
         self._objects: dict[tuple[str, str, str], Obj] = {}
@@ -970,6 +997,25 @@ class KubeEmulator:
     def reset_counters(self) -> None:
         with self._lock:
             self.requests.clear()
+
+    # the write log
+
+    def writes_of(
+        self, resource: str, namespace: str | None = None, name: str | None = None
+    ) -> list[WriteRecord]:
+        """The committed writes of one resource (optionally one namespace and name), in order."""
+        with self._lock:
+            return [
+                w
+                for w in self.write_log
+                if w.resource == resource
+                and namespace in (None, w.namespace)
+                and name in (None, w.name)
+            ]
+
+    def clear_write_log(self) -> None:
+        with self._lock:
+            self.write_log.clear()
 
     # direct state access
 
@@ -1106,7 +1152,10 @@ class KubeEmulator:
             if fault.status is not None:
                 raise fault.error()
             with self._lock:
+                revision = self._revision
                 code, body = self._respond(request, url.path, query, route, verb)
+                if self._revision != revision and route is not None and verb is not None:
+                    self._log_write(verb, route, body)
         except ApiError as exc:
             code, body, headers = exc.code, exc.status(), exc.headers
         except Exception as exc:  # an emulator or hook bug: answer like an apiserver panic would
@@ -1154,6 +1203,33 @@ class KubeEmulator:
         if verb == "deletecollection":
             return 200, self._delete_collection(route, query, dry_run)
         raise ApiError(405, f"kube emulator: {verb} is not emulated", "MethodNotAllowed")
+
+    def _log_write(self, verb: str, route: _Route, body: Obj | str) -> None:
+        """Append what a committed write stored; callers hold self._lock."""
+        if not isinstance(body, dict):
+            return
+        written: list[tuple[str, Obj | None]]
+        if verb in ("create", "update", "patch"):
+            written = [(body["metadata"]["name"], copy.deepcopy(body))]
+        elif verb == "delete":
+            written = [(route.name, None)]
+        elif verb == "deletecollection":
+            written = [(item["metadata"]["name"], None) for item in body.get("items", [])]
+        else:
+            return
+        revision = str(self._revision)
+        for name, obj in written:
+            self.write_log.append(
+                WriteRecord(
+                    next(_WRITE_SEQUENCE),
+                    verb,
+                    route.rt.plural,
+                    route.namespace,
+                    name,
+                    obj,
+                    revision,
+                )
+            )
 
     def _non_resource(self, method: str, path: str) -> tuple[int, Obj | str]:
         if method == "GET" and path in ("/healthz", "/livez", "/readyz"):
