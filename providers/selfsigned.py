@@ -14,7 +14,8 @@ import re
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -88,6 +89,17 @@ class SelfSignedProvider:
     def close(self) -> None:
         """Release the KMS client's connections, if one was made."""
         self._protection.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def _stored(self) -> tuple[x509.Certificate, bytes | None] | None:
         """The stored root certificate and its encrypted key (None if missing)."""
