@@ -14,8 +14,12 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from tests.conftest import PASSPHRASE, snapshot, trustmgr
-from tests.openbao import VaultTransit, vault_transit_fixture  # noqa: F401  (session fixture)
+from tests.conftest import PASSPHRASE, REPO, snapshot, trustmgr
+from tests.openbao import (  # noqa: F401  (session fixture)
+    VaultTransit,
+    transit_policy,
+    vault_transit_fixture,
+)
 from trustmgr.pki import cluster_ca_request
 from trustmgr.providers import ProviderNeedsFixError, envelope
 from trustmgr.providers.config import SelfSignedConfig
@@ -287,3 +291,9 @@ def test_a_wrapped_key_that_does_not_open_stops_the_run_with_one_line(
     assert "Traceback" not in run.err + run.out
     assert vault_transit.token not in run.err + run.out and PASSPHRASE not in run.err
     assert snapshot(workdir) == before
+
+
+def test_the_documented_policy_is_the_one_tested() -> None:
+    docs = (REPO / "docs/providers/selfsigned.md").read_text()
+    block = docs.split("# Vault / OpenBao policy\n", 1)[1].split("```", 1)[0]
+    assert block.strip() == transit_policy("transit", "trustmgr-root")
