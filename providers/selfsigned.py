@@ -32,7 +32,6 @@ from trustmgr.providers.base import (
     BACKDATE,
     BlobStore,
     Clock,
-    ProviderError,
     ProviderNeedsFixError,
     SignedCA,
     read_secret,
@@ -342,7 +341,7 @@ class SelfSignedProvider:
                 raise
             try:  # a second run, or a run stopped after the rename
                 self._open(new, cert, data)
-            except ProviderError:
+            except ProviderNeedsFixError:
                 raise failed from None
             form = new.describe(data)
             return Rekeyed(cert, before=form, after=form, changed=False)

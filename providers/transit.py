@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 from collections.abc import Mapping
 
@@ -30,6 +31,8 @@ from trustmgr.providers.config import VaultTransitKeyEncryption
 from trustmgr.providers.envelope import DataKey
 from trustmgr.providers.vault import VaultFailure, VaultSession
 
+log = logging.getLogger(__name__)
+
 _DENIED = frozenset({401, 403})
 
 
@@ -42,6 +45,14 @@ class VaultTransitWrapper:
         self.name = name
         self._config = config
         self._session = VaultSession(name, config, clock)
+        if config.tls_skip_verify:
+            log.warning(
+                "provider %s: TLS verification of %s is disabled (keyEncryption.vaultTransit."
+                "tlsSkipVerify); anyone on the network path can read the Vault token and the "
+                "root key's data key",
+                name,
+                config.address,
+            )
 
     @property
     def key_id(self) -> str:
