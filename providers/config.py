@@ -31,22 +31,34 @@ class Subject(Model):
 
 
 class SelfSignedConfig(Model):
-    """A root CA trustmgr creates and keeps, encrypted, in its state store."""
+    """A root CA trustmgr creates and keeps, encrypted, in its state store: sealed
+    with a passphrase, or wrapped by a key management service (``keyEncryption``)."""
 
     key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256
     ttl: Duration = timedelta(days=3650)
     subject: Subject = Subject()
     passphrase_env: EnvName | None = None
     passphrase_file: LocalPath | None = None
+    key_encryption: KeyEncryption | None = None
 
     @model_validator(mode="after")
-    def _one_passphrase_source(self) -> SelfSignedConfig:
-        if self.passphrase_env and self.passphrase_file:
-            raise ValueError("set passphraseEnv or passphraseFile, not both")
-        if not self.passphrase_env and not self.passphrase_file:
+    def _one_protection(self) -> SelfSignedConfig:
+        sources = {
+            "passphraseEnv": self.passphrase_env,
+            "passphraseFile": self.passphrase_file,
+            "keyEncryption": self.key_encryption,
+        }
+        chosen = [key for key, value in sources.items() if value]
+        if len(chosen) > 1:
+            raise ValueError(
+                f"set exactly one of passphraseEnv, passphraseFile and keyEncryption, "
+                f"not {' and '.join(chosen)}"
+            )
+        if not chosen:
             raise ValueError(
                 "the root key is kept encrypted: set passphraseEnv (an environment "
-                "variable name) or passphraseFile"
+                "variable name) or passphraseFile, or keyEncryption (a Vault transit or "
+                "AWS KMS key)"
             )
         return self
 
@@ -242,6 +254,59 @@ class AcmPcaConfig(Model):
                 f"templateArn is in partition {self.template_arn.split(':')[1]}, "
                 f"the CA in {self.partition}"
             )
+        return self
+
+
+class VaultTransitKeyEncryption(Model):
+    """A key of a Vault or OpenBao transit engine wraps the root key's data key.
+    Holds no secret: auth names where credentials are read, as for the vault provider."""
+
+    address: Annotated[str, AfterValidator(_vault_address)]
+    namespace: str | None = None
+    ca_cert: LocalPath | None = None
+    tls_skip_verify: bool = False
+    mount: VaultPath = "transit"
+    key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    timeout: Duration = timedelta(seconds=30)
+    auth: VaultAuth = VaultAuth(token=VaultTokenAuth())
+
+    @model_validator(mode="after")
+    def _one_tls_choice(self) -> VaultTransitKeyEncryption:
+        if self.ca_cert and self.tls_skip_verify:
+            raise ValueError("set caCert or tlsSkipVerify, not both")
+        return self
+
+
+class AwsKmsKeyEncryption(Model):
+    """A symmetric AWS KMS key wraps the root key's data key. Credentials come
+    from the standard AWS chain, never from the configuration."""
+
+    key_id: str = Field(
+        pattern=r"^(arn:aws[\w-]*:kms:[\w-]+:\d{12}:(key|alias)/[\w/_+=,.@-]+"
+        r"|alias/[\w/_+=,.@-]+|[0-9a-fA-F-]{36}|mrk-[0-9a-f]{32})$"
+    )
+    region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+
+    @model_validator(mode="after")
+    def _key_in_region(self) -> AwsKmsKeyEncryption:
+        if self.key_id.startswith("arn:") and self.key_id.split(":")[3] != self.region:
+            raise ValueError(
+                f"region {self.region} is not the region of keyId ({self.key_id.split(':')[3]})"
+            )
+        return self
+
+
+class KeyEncryption(Model):
+    """Exactly one key management service that wraps the root key."""
+
+    vault_transit: VaultTransitKeyEncryption | None = None
+    aws_kms: AwsKmsKeyEncryption | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> KeyEncryption:
+        if (self.vault_transit is None) == (self.aws_kms is None):
+            raise ValueError("choose exactly one of vaultTransit and awsKms")
         return self
 
 

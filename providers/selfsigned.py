@@ -1,20 +1,33 @@
-"""A root CA that trustmgr creates on first use and keeps, encrypted, in a BlobStore."""
+"""A root CA that trustmgr creates on first use and keeps, encrypted, in a BlobStore.
+
+The root key is protected one of two ways, chosen by the configuration: sealed
+with a passphrase (``keyseal``, the default), or wrapped by a key management
+service (``envelope``: a Vault transit key or an AWS KMS key, ``keyEncryption``).
+:meth:`SelfSignedProvider.rekey` moves a stored key from one to the other.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
+from types import TracebackType
+from typing import Protocol, Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    PrivateKeyTypes,
+)
 from cryptography.x509.oid import NameOID
 
 from trustmgr.errors import StateError
-from trustmgr.providers import keyseal
+from trustmgr.providers import envelope, keyseal
 from trustmgr.providers.base import (
     BACKDATE,
     BlobStore,
@@ -23,7 +36,7 @@ from trustmgr.providers.base import (
     SignedCA,
     read_secret,
 )
-from trustmgr.providers.config import SelfSignedConfig
+from trustmgr.providers.config import KeyEncryption, SelfSignedConfig
 from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
 
 _COPIED_FROM_CSR = (x509.SubjectAlternativeName, x509.NameConstraints)
@@ -38,13 +51,27 @@ _Root = tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Rekeyed:
+    """What :meth:`SelfSignedProvider.rekey` did to a stored root key."""
+
+    root: x509.Certificate
+    before: str
+    """How the key was protected, e.g. ``sealed with a passphrase (PKCS#8 ...)``."""
+    after: str
+    changed: bool
+    """False when the key was already protected as asked and nothing was written."""
+
+
 class SelfSignedProvider:
     """Signs cluster CA CSRs with a root it owns.
 
     The root is stored as ``<name>/root.pem``: the certificate, then the key as
-    encrypted PKCS#8, in one file written atomically, so a crash can never keep
-    one without the other. The passphrase comes from the environment or a file,
-    never from the configuration.
+    encrypted PKCS#8 or as a ``TRUSTMGR ENVELOPE``, in one file written
+    atomically, so a crash can never keep one without the other. The passphrase
+    comes from the environment or a file, never from the configuration; a
+    wrapped key needs its KMS each time it is unlocked. ``close()`` releases
+    the KMS client's connections.
     """
 
     def __init__(self, name: str, config: SelfSignedConfig, store: BlobStore, clock: Clock) -> None:
@@ -56,14 +83,22 @@ class SelfSignedProvider:
         self._prepared: _Root | None = None
         self._reseal_lock = threading.Lock()
         self._resealed = False
+        self._protection = _protection_of(name, config, clock)
 
-    def _passphrase(self) -> bytes:
-        cfg = self._config
-        return read_secret(
-            f"provider {self.name}: root key passphrase",
-            env=cfg.passphrase_env,
-            file=cfg.passphrase_file,
-        ).encode()
+    def close(self) -> None:
+        """Release the KMS client's connections, if one was made."""
+        self._protection.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def _stored(self) -> tuple[x509.Certificate, bytes | None] | None:
         """The stored root certificate and its encrypted key (None if missing)."""
@@ -105,7 +140,10 @@ class SelfSignedProvider:
         self.prepare_root()
         assert self._prepared is not None
         cert, key = self._prepared
-        encrypted = keyseal.seal(key, self._passphrase())
+        encrypted = self._protection.seal(key, cert)
+        if not isinstance(self._protection, _Passphrase):
+            # a KMS that wraps but will not unwrap would leave a root no run can use
+            self._check_opens(self._protection, encrypted, cert, key)
         unit = cert.public_bytes(serialization.Encoding.PEM) + encrypted
         self._store.save(f"{self.name}/{ROOT}", unit, secret=True)
         self._root, self._prepared = self._prepared, None
@@ -115,7 +153,7 @@ class SelfSignedProvider:
         """Make and store a root. Refuses if one exists."""
         if self.has_root():
             raise ProviderNeedsFixError(f"provider {self.name}: a root already exists")
-        self._passphrase()  # before the key is made: a missing secret costs nothing
+        self._protection.check()  # before the key is made: a missing secret costs nothing
         self.prepare_root()
         return self.keep_prepared_root()
 
@@ -163,18 +201,38 @@ class SelfSignedProvider:
                 f"provider {self.name}: the root certificate exists but its key is missing; "
                 f"restore {LEGACY_KEY} from a backup"
             )
-        try:
-            key = keyseal.unseal(data, self._passphrase())
-        except keyseal.SealFormatError as exc:
+        self._root = (cert, self._open(self._protection, cert, data))
+        return self._root
+
+    def _open(
+        self,
+        protection: _Protection,
+        cert: x509.Certificate,
+        data: bytes,
+        *,
+        rekey_from: bool = False,
+    ) -> CertificateIssuerPrivateKeyTypes:
+        """The root key in ``data``, opened with ``protection`` (the configuration's,
+        or with ``rekey_from`` the one a rekey was told the key is under now); a
+        provider error saying what to do when it does not open or not to ``cert``."""
+        if not protection.fits(data):
+            stored = _form_of(data)
+            if stored.startswith("sealed"):
+                move = "--from-passphrase-env VAR (or --from-passphrase-file PATH)"
+            else:
+                move = "--from-config OLD-CONFIG"
+            if rekey_from:
+                raise ProviderNeedsFixError(
+                    f"provider {self.name}: the root key is {stored}, not under "
+                    f"{protection.what} as the --from option says: pass {move} with what "
+                    "protects it now"
+                )
             raise ProviderNeedsFixError(
-                f"provider {self.name}: cannot read the root key: {exc}; restore {ROOT} from a "
-                "backup"
-            ) from None
-        except keyseal.UnsealError:
-            raise ProviderNeedsFixError(
-                f"provider {self.name}: cannot decrypt the root key; check the passphrase "
-                f"({self._passphrase_source()}) or restore {ROOT} from a backup"
-            ) from None
+                f"provider {self.name}: the root key is {stored}, but the configuration sets "
+                f"{protection.what}: set it back, or move the key with `trustmgr state rekey "
+                f"--provider {self.name} {move}`"
+            )
+        key = protection.unseal(data, cert)
         if (
             not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
             or key_algorithm_of(key) is None
@@ -182,23 +240,29 @@ class SelfSignedProvider:
             raise ProviderNeedsFixError(
                 f"provider {self.name}: the root key is of an unsupported type"
             )
-        if cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ) != key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ):
+        if not _same_key(key, cert.public_key()):
             raise ProviderNeedsFixError(
                 f"provider {self.name}: the stored root key does not match the root certificate"
             )
-        self._root = (cert, key)
-        return self._root
+        return key
+
+    def _check_opens(
+        self,
+        protection: _Protection,
+        data: bytes,
+        cert: x509.Certificate,
+        key: CertificateIssuerPrivateKeyTypes,
+    ) -> None:
+        """Raise unless ``data`` opens with ``protection`` to ``key``."""
+        if not _same_key(self._open(protection, cert, data), key.public_key()):
+            raise StateError(f"{self.name}/{ROOT}: the key sealed again does not decrypt to itself")
 
     def _reseal_once(self) -> None:
         """Store the unlocked root as one unit sealed at the current cost, if it
         is not yet; once per provider, on the first signing, so under the run's
         lock. A failure leaves the stored root as it was, still usable."""
         with self._reseal_lock:
-            if self._resealed:
+            if self._resealed or not isinstance(self._protection, _Passphrase):
                 return
             self._resealed = True
             try:
@@ -212,6 +276,7 @@ class SelfSignedProvider:
 
     def _reseal(self) -> None:
         assert self._root is not None
+        assert isinstance(self._protection, _Passphrase)
         cert, key = self._root
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         unit_name = f"{self.name}/{ROOT}"
@@ -221,7 +286,7 @@ class SelfSignedProvider:
             if not _holds(certs, cert):
                 return  # not the root just unlocked: never overwritten here
         if unit is None or len(keys) != 1 or not _sealed_current(keys[0]):
-            passphrase = self._passphrase()
+            passphrase = self._protection.secret()
             sealed = keyseal.seal(key, passphrase)
             if not _unseals_to(sealed, passphrase, key):
                 raise StateError(f"{unit_name}: the key sealed again does not decrypt to itself")
@@ -233,7 +298,7 @@ class SelfSignedProvider:
         # the key first: should the run stop between the two, no copy of the key
         # sealed the earlier way is left, and the certificate is removed next time
         legacy_key = self._store.load(f"{self.name}/{LEGACY_KEY}")
-        if legacy_key is not None and _unseals_to(legacy_key, self._passphrase(), key):
+        if legacy_key is not None and _unseals_to(legacy_key, self._protection.secret(), key):
             self._store.delete(f"{self.name}/{LEGACY_KEY}")
         legacy_cert = self._store.load(f"{self.name}/{LEGACY_CERT}")
         if legacy_cert is not None and _holds(_split(legacy_cert)[0], cert):
@@ -243,12 +308,62 @@ class SelfSignedProvider:
         if self.has_root():
             self._load_root()
         else:
-            self._passphrase()
+            self._protection.check()
 
-    def _passphrase_source(self) -> str:
-        if self._config.passphrase_env:
-            return f"environment variable {self._config.passphrase_env}"
-        return f"passphraseFile {self._config.passphrase_file}"
+    def rekey(self, previous: SelfSignedConfig | None = None) -> Rekeyed:
+        """Protect the stored root key as this provider's configuration says,
+        opening it as ``previous`` says (its passphrase or keyEncryption; None:
+        as this provider's own, which seals it afresh: a new data key under the
+        KMS key's current version, or the passphrase at the current cost).
+
+        The new form is opened again and compared with the key before it
+        replaces the stored unit in one atomic write; the unit is then read back.
+        A key already protected as asked (a second run) is left as it is. Any
+        failure leaves the stored unit as it was."""
+        stored = self._stored()
+        if stored is None:
+            raise ProviderNeedsFixError(
+                f"provider {self.name} has no root yet: nothing to rekey (`trustmgr bootstrap` "
+                "creates it under the configured protection)"
+            )
+        cert, data = stored
+        if data is None:
+            raise ProviderNeedsFixError(
+                f"provider {self.name}: the root certificate exists but its key is missing; "
+                f"restore {LEGACY_KEY} from a backup"
+            )
+        new = self._protection
+        old = new if previous is None else _protection_of(self.name, previous, self._clock)
+        try:
+            key = self._open(old, cert, data, rekey_from=previous is not None)
+        except ProviderNeedsFixError as failed:
+            if old is new or not new.fits(data):
+                raise
+            try:  # a second run, or a run stopped after the rename
+                self._open(new, cert, data)
+            except ProviderNeedsFixError:
+                raise failed from None
+            form = new.describe(data)
+            return Rekeyed(cert, before=form, after=form, changed=False)
+        finally:
+            if old is not new:
+                old.close()
+        sealed = new.seal(key, cert)
+        self._check_opens(new, sealed, cert, key)
+        unit_name = f"{self.name}/{ROOT}"
+        unit = cert.public_bytes(serialization.Encoding.PEM) + sealed
+        self._store.save(unit_name, unit, secret=True)
+        if self._store.load(unit_name) != unit:
+            raise StateError(f"{unit_name} does not read back as written")
+        # the key first: should the run stop between the two, no copy of the key
+        # in the earlier protection is left, and the certificate is removed next time
+        legacy_cert = self._store.load(f"{self.name}/{LEGACY_CERT}")
+        if legacy_cert is not None and _holds(_split(legacy_cert)[0], cert):
+            self._store.delete(f"{self.name}/{LEGACY_KEY}")
+            self._store.delete(f"{self.name}/{LEGACY_CERT}")
+        self._root = (cert, key)
+        log.info("provider %s: root key %s", self.name, new.describe(sealed))
+        return Rekeyed(cert, before=old.describe(data), after=new.describe(sealed), changed=True)
 
     def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
         root, key = self._load_root()
@@ -290,7 +405,7 @@ def _split(unit: bytes) -> tuple[list[bytes], list[bytes]]:
         kind = match.group(1)
         if kind == b"CERTIFICATE":
             certs.append(match.group(0))
-        elif kind == b"ENCRYPTED PRIVATE KEY":
+        elif kind in (b"ENCRYPTED PRIVATE KEY", envelope.PEM_TYPE.encode()):
             keys.append(match.group(0))
     return certs, keys
 
@@ -314,8 +429,178 @@ def _unseals_to(data: bytes, passphrase: bytes, key: CertificateIssuerPrivateKey
         found = keyseal.unseal(data, passphrase)
     except keyseal.UnsealError:
         return False
+    return _same_key(found, key.public_key())
+
+
+def _same_key(key: PrivateKeyTypes, public: object) -> bool:
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    return found.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        return False
+    return key.public_key().public_bytes(*spki) == public.public_bytes(*spki)
+
+
+def _form_of(data: bytes) -> str:
+    """How a stored key is protected, read without opening it."""
+    if envelope.is_envelope(data):
+        try:
+            sealed = envelope.describe(data)
+        except keyseal.SealFormatError:
+            return "an envelope trustmgr cannot read"
+        return f"wrapped by {sealed.wrapping} key {sealed.key_id}"
+    try:
+        return f"sealed with a passphrase ({keyseal.describe(data)})"
+    except keyseal.SealFormatError:
+        return "sealed with a passphrase"
+
+
+class _Protection(Protocol):
+    """How a root key is kept: sealed with a passphrase, or wrapped by a KMS."""
+
+    what: str
+    """The configuration that sets it, for messages: ``a passphrase``, ``keyEncryption...``."""
+
+    def fits(self, data: bytes) -> bool:
+        """Whether the stored key ``data`` is in this protection's form."""
+        ...
+
+    def check(self) -> None:
+        """Raise unless the secret or client this protection needs is there."""
+        ...
+
+    def seal(self, key: PrivateKeyTypes, cert: x509.Certificate) -> bytes: ...
+
+    def unseal(self, data: bytes, cert: x509.Certificate) -> PrivateKeyTypes:
+        """The key; a provider error saying what to do if it does not open."""
+        ...
+
+    def describe(self, data: bytes) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def _protection_of(name: str, config: SelfSignedConfig, clock: Clock) -> _Protection:
+    if config.key_encryption is not None:
+        return _Wrapped(name, config.key_encryption, clock)
+    return _Passphrase(name, env=config.passphrase_env, file=config.passphrase_file)
+
+
+class _Passphrase:
+    what = "a passphrase"
+
+    def __init__(self, name: str, *, env: str | None, file: str | None) -> None:
+        self._name, self._env, self._file = name, env, file
+
+    @property
+    def source(self) -> str:
+        if self._env:
+            return f"environment variable {self._env}"
+        return f"passphraseFile {self._file}"
+
+    def secret(self) -> bytes:
+        return read_secret(
+            f"provider {self._name}: root key passphrase", env=self._env, file=self._file
+        ).encode()
+
+    def fits(self, data: bytes) -> bool:
+        return not envelope.is_envelope(data)
+
+    def check(self) -> None:
+        self.secret()
+
+    def seal(self, key: PrivateKeyTypes, cert: x509.Certificate) -> bytes:
+        return keyseal.seal(key, self.secret())
+
+    def unseal(self, data: bytes, cert: x509.Certificate) -> PrivateKeyTypes:
+        try:
+            return keyseal.unseal(data, self.secret())
+        except keyseal.SealFormatError as exc:
+            raise ProviderNeedsFixError(
+                f"provider {self._name}: cannot read the root key: {exc}; restore {ROOT} from a "
+                "backup"
+            ) from None
+        except keyseal.UnsealError:
+            raise ProviderNeedsFixError(
+                f"provider {self._name}: cannot decrypt the root key; check the passphrase "
+                f"({self.source}) or restore {ROOT} from a backup"
+            ) from None
+
+    def describe(self, data: bytes) -> str:
+        return _form_of(data)
+
+    def close(self) -> None:
+        pass
+
+
+class _Wrapped:
+    """Envelope encryption; the KMS client is built on first use."""
+
+    def __init__(self, name: str, config: KeyEncryption, clock: Clock) -> None:
+        self._name, self._config, self._clock = name, config, clock
+        self._wrapper: envelope.KeyWrapper | None = None
+        self._lock = threading.Lock()
+        self.wrapping = "vault-transit" if config.vault_transit is not None else "aws-kms"
+        kind = "vaultTransit" if config.vault_transit is not None else "awsKms"
+        self.what = f"keyEncryption.{kind}"
+
+    def _kms(self) -> envelope.KeyWrapper:
+        with self._lock:
+            if self._wrapper is None:
+                self._wrapper = self._build()
+            return self._wrapper
+
+    def _build(self) -> envelope.KeyWrapper:
+        transit, kms = self._config.vault_transit, self._config.aws_kms
+        package, extra = ("hvac", "vault") if transit is not None else ("boto3", "aws")
+        if importlib.util.find_spec(package) is None:
+            raise ProviderNeedsFixError(
+                f"provider {self._name}: {self.what} needs the {package} package: "
+                f"pip install 'trustmgr[{extra}]'"
+            )
+        if transit is not None:
+            from trustmgr.providers.transit import VaultTransitWrapper
+
+            return VaultTransitWrapper(self._name, transit, self._clock)
+        assert kms is not None
+        from trustmgr.providers.awskms import AwsKmsWrapper
+
+        return AwsKmsWrapper(self._name, kms)
+
+    def fits(self, data: bytes) -> bool:
+        if not envelope.is_envelope(data):
+            return False
+        try:
+            return envelope.describe(data).wrapping == self.wrapping
+        except keyseal.SealFormatError:
+            return True  # unseal says what is damaged
+
+    def check(self) -> None:
+        self._kms()
+
+    def seal(self, key: PrivateKeyTypes, cert: x509.Certificate) -> bytes:
+        return envelope.seal(key, cert, self._kms())
+
+    def unseal(self, data: bytes, cert: x509.Certificate) -> PrivateKeyTypes:
+        try:
+            return envelope.unseal(data, cert, self._kms())
+        except keyseal.SealFormatError as exc:
+            raise ProviderNeedsFixError(
+                f"provider {self._name}: cannot read the root key: {exc}; restore {ROOT} from a "
+                "backup"
+            ) from None
+        except keyseal.UnsealError as exc:
+            raise ProviderNeedsFixError(
+                f"provider {self._name}: cannot decrypt the root key: {exc}; restore {ROOT} "
+                "from a backup"
+            ) from None
+
+    def describe(self, data: bytes) -> str:
+        return _form_of(data)
+
+    def close(self) -> None:
+        with self._lock:
+            close = getattr(self._wrapper, "close", None)
+            if callable(close):
+                close()
 
 
 def _load_cert(provider: str, data: bytes) -> x509.Certificate:

@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, Self, TypeVar
+from typing import Final, Literal, Protocol, Self, TypeVar
 
 import hvac
 import hvac.exceptions
@@ -144,10 +144,28 @@ def _errors_of(response: requests.Response) -> tuple[str, ...]:
     return ()
 
 
+class VaultConnection(Protocol):
+    """Where Vault is and how to log in: the fields ``VaultConfig`` and the
+    self-signed provider's ``keyEncryption.vaultTransit`` share."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def namespace(self) -> str | None: ...
+    @property
+    def ca_cert(self) -> str | None: ...
+    @property
+    def tls_skip_verify(self) -> bool: ...
+    @property
+    def timeout(self) -> timedelta: ...
+    @property
+    def auth(self) -> VaultAuth: ...
+
+
 class _VaultHTTP:
     """Vault's HTTP API through an hvac client, with failures as ``_Failure``."""
 
-    def __init__(self, config: VaultConfig) -> None:
+    def __init__(self, config: VaultConnection) -> None:
         verify: bool | str = True
         if config.ca_cert:
             verify = str(Path(config.ca_cert).expanduser())
@@ -538,6 +556,50 @@ class _MountSnapshot:
         return next((i for i in self.issuers if ref in (i.id, i.name)), None)
 
 
+VaultFailure = _Failure
+"""A Vault call that did not succeed: ``reason``, ``status``, ``errors``, ``path``."""
+
+
+class VaultSession:
+    """Calls to Vault with a token from the configured auth method: the same
+    HTTP client, login, renewal and login again on a rejected token as the
+    PKI provider, for other parts of the provider package (the self-signed
+    provider's transit key). Failures are raised as ``VaultFailure``."""
+
+    def __init__(self, name: str, connection: VaultConnection, clock: Clock) -> None:
+        self.name = name
+        self.http = _VaultHTTP(connection)
+        self.keeper = _TokenKeeper(name, connection.auth, self.http, clock)
+        self._auth = connection.auth
+
+    def call(self, method: str, path: str, body: Mapping[str, object] | None = None) -> Answer:
+        """The JSON answer of ``method`` on ``/v1/<path>``, logged in; a request
+        refused because the token was revoked or expired is repeated once after
+        logging in again."""
+        token = self.keeper.token()
+        try:
+            return self.http.call(method, path, token=token, body=body)
+        except _Failure as failure:
+            if failure.status not in _DENIED_STATUS or not self.keeper.recover(token):
+                raise
+        return self.http.call(method, path, token=self.keeper.token(), body=body)
+
+    def scrub(self, text: str) -> str:
+        """``text`` (Vault's error text) without any secret read for a login, shortened."""
+        for secret in tuple(self.keeper.secrets):  # a copy: other threads may add to it
+            text = text.replace(secret, "[redacted]")
+        text = re.sub(r"^\d+ errors? occurred: \* ", "", text)
+        return text if len(text) <= 300 else text[:297] + "..."
+
+    def login_error(self, failure: VaultFailure, where: str) -> ProviderNeedsFixError:
+        """A refused login (a failure on an ``auth/`` path) as one line that says
+        what to check. Vault's text is left out: it might echo credentials."""
+        return _login_error(self.name, self._auth, self.keeper.method, failure, where)
+
+    def close(self) -> None:
+        self.http.close()
+
+
 class VaultProvider:
     """Signs cluster CA CSRs with a Vault or OpenBao PKI mount.
 
@@ -558,8 +620,9 @@ class VaultProvider:
         self.name = name
         self._config = config
         self._clock = clock
-        self._http = _VaultHTTP(config)
-        self._keeper = _TokenKeeper(name, config.auth, self._http, clock)
+        self._session = VaultSession(name, config, clock)
+        self._http = self._session.http
+        self._keeper = self._session.keeper
         self._snapshot: _MountSnapshot | None = None
         self._snapshot_lock = threading.Lock()
         self._sleep = sleep
@@ -729,23 +792,14 @@ class VaultProvider:
                 raise self._translate(failure, capability) from None
 
     def _authorized(self, method: str, path: str, body: Mapping[str, object] | None) -> Answer:
-        token = self._keeper.token()
-        try:
-            return self._http.call(method, path, token=token, body=body)
-        except _Failure as failure:
-            if failure.status not in _DENIED_STATUS or not self._keeper.recover(token):
-                raise
-        return self._http.call(method, path, token=self._keeper.token(), body=body)
+        return self._session.call(method, path, body)
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**attempt)
         return ceiling / 2 + self._jitter.uniform(0, ceiling / 2)
 
     def _scrub(self, text: str) -> str:
-        for secret in tuple(self._keeper.secrets):  # a copy: other threads may add to it
-            text = text.replace(secret, "[redacted]")
-        text = re.sub(r"^\d+ errors? occurred: \* ", "", text)
-        return text if len(text) <= 300 else text[:297] + "..."
+        return self._session.scrub(text)
 
     def _translate(self, failure: _Failure, capability: str) -> ProviderError:
         """The one place a failed Vault call becomes a provider error."""
@@ -792,7 +846,7 @@ class VaultProvider:
         if failure.path.startswith("auth/"):
             if status is not None and status >= 500 and not failure.missing_issuer:
                 return ProviderTransientError(f"{who}: Vault failed on {where} (HTTP {status})")
-            return self._login_error(failure, where)
+            return self._session.login_error(failure, where)
         if failure.missing_issuer:
             return self._no_issuer()
         if status is not None and (status >= 500 or status == 412):
@@ -819,42 +873,41 @@ class VaultProvider:
             return ProviderNeedsFixError(f"{who}: Vault refused the request to {where}{said}")
         return ProviderNeedsFixError(f"{who}: unexpected HTTP {status} from {where}{said}")
 
-    def _login_error(self, failure: _Failure, where: str) -> ProviderNeedsFixError:
-        """Login refusals. Vault's text is left out: it might echo credentials."""
-        who = f"provider {self.name}"
-        auth = self._config.auth
-        if failure.path.startswith("auth/token/"):
-            source = auth.token.source if auth.token is not None else "the last login"
-            return ProviderNeedsFixError(
-                f"{who}: Vault rejected the token from {source} on {where} (HTTP "
-                f"{failure.status}): it is expired, revoked or mistyped; provide a valid token"
-            )
-        mount = failure.path.removeprefix("auth/").removesuffix("/login")
-        method = self._keeper.method
-        if failure.status == 404 or "no handler for route" in failure.text:
-            return ProviderNeedsFixError(
-                f"{who}: no auth method is enabled at auth/{mount}: check the mount of the "
-                f"{method} auth settings"
-            )
-        if auth.app_role is not None:
-            hint = (
-                "the role id and secret id are current (a secret id may expire or run out of uses)"
-            )
-        elif auth.kubernetes is not None:
-            hint = (
-                f"role {auth.kubernetes.role} exists and binds this service account, and "
-                f"{auth.kubernetes.token_path} holds a current token"
-            )
-        elif auth.jwt is not None:
-            hint = (
-                f"role {auth.jwt.role} exists and the JWT is unexpired and matches the role's "
-                "bound audience and claims"
-            )
-        else:
-            hint = "the credentials are current"
-        if failure.status in _DENIED_STATUS:
-            # Vault answers 403, not 404, for a login path where nothing is mounted.
-            hint = f"{method} auth is enabled at auth/{mount} and {hint}"
+
+def _login_error(
+    name: str, auth: VaultAuth, method: str, failure: _Failure, where: str
+) -> ProviderNeedsFixError:
+    """Login refusals. Vault's text is left out: it might echo credentials."""
+    who = f"provider {name}"
+    if failure.path.startswith("auth/token/"):
+        source = auth.token.source if auth.token is not None else "the last login"
         return ProviderNeedsFixError(
-            f"{who}: {method} login on {where} was refused (HTTP {failure.status}): check that {hint}"
+            f"{who}: Vault rejected the token from {source} on {where} (HTTP "
+            f"{failure.status}): it is expired, revoked or mistyped; provide a valid token"
         )
+    mount = failure.path.removeprefix("auth/").removesuffix("/login")
+    if failure.status == 404 or "no handler for route" in failure.text:
+        return ProviderNeedsFixError(
+            f"{who}: no auth method is enabled at auth/{mount}: check the mount of the "
+            f"{method} auth settings"
+        )
+    if auth.app_role is not None:
+        hint = "the role id and secret id are current (a secret id may expire or run out of uses)"
+    elif auth.kubernetes is not None:
+        hint = (
+            f"role {auth.kubernetes.role} exists and binds this service account, and "
+            f"{auth.kubernetes.token_path} holds a current token"
+        )
+    elif auth.jwt is not None:
+        hint = (
+            f"role {auth.jwt.role} exists and the JWT is unexpired and matches the role's "
+            "bound audience and claims"
+        )
+    else:
+        hint = "the credentials are current"
+    if failure.status in _DENIED_STATUS:
+        # Vault answers 403, not 404, for a login path where nothing is mounted.
+        hint = f"{method} auth is enabled at auth/{mount} and {hint}"
+    return ProviderNeedsFixError(
+        f"{who}: {method} login on {where} was refused (HTTP {failure.status}): check that {hint}"
+    )

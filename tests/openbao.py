@@ -31,12 +31,18 @@ conftest.py instead to share one.
 - ``denied_role_id_file`` / ``denied_secret_id_file``: AppRole ``trustmgr-nosign``,
   whose policy may read the issuers but not sign.
 
+``vault_transit`` (session) is a transit engine at ``transit`` for the
+self-signed provider's ``keyEncryption``: ``new_key()`` makes a fresh transit
+key, ``token_file`` holds a token that may encrypt and decrypt with every key
+of the mount, ``encrypt_only_token_file`` one whose policy denies decrypt.
+
 ``start_openbao`` runs a private server (for tests that seal it); ``sign_rate``
 measures sign calls per second through a provider (``python -m tests.openbao``).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -308,6 +314,87 @@ def openbao_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBa
 def vault_pki_fixture(openbao: OpenBaoServer, tmp_path_factory: pytest.TempPathFactory) -> VaultPKI:
     """The ready PKI of the session server."""
     return setup_pki(openbao, tmp_path_factory.mktemp("vault-pki"))
+
+
+TRANSIT_POLICY = "trustmgr-transit"
+ENCRYPT_ONLY_POLICY = "trustmgr-transit-encrypt-only"
+_transit_keys = itertools.count(1)
+
+
+def transit_policy(mount: str, key: str, *, decrypt: bool = True) -> str:
+    """The policy a self-signed provider with ``keyEncryption.vaultTransit``
+    needs, as docs/providers/selfsigned.md shows it (``decrypt=False`` leaves
+    decrypt out)."""
+    actions = ("encrypt", "decrypt") if decrypt else ("encrypt",)
+    return "\n".join(
+        f'path "{mount}/{action}/{key}" {{ capabilities = ["update"] }}' for action in actions
+    )
+
+
+@dataclass(frozen=True)
+class VaultTransit:
+    """A transit engine set up in an OpenBao server, and tokens that may use it."""
+
+    server: OpenBaoServer
+    mount: str
+    token: str
+    token_file: Path
+    encrypt_only_token_file: Path
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def new_key(self) -> str:
+        """A fresh ``aes256-gcm96`` transit key, deletable; returns its name."""
+        name = f"trustmgr-root-{next(_transit_keys)}"
+        with root_client(self.server) as client:
+            client.write_data(f"{self.mount}/keys/{name}", data={"type": "aes256-gcm96"})
+            client.write_data(f"{self.mount}/keys/{name}/config", data={"deletion_allowed": True})
+        return name
+
+    def write(self, path: str, **data: object) -> None:
+        """A root-token write, e.g. ``write("keys/k/rotate")`` under the mount."""
+        with root_client(self.server) as client:
+            client.write_data(f"{self.mount}/{path}", data=data)
+
+    def delete_key(self, name: str) -> None:
+        with root_client(self.server) as client:
+            client.delete(f"{self.mount}/keys/{name}")
+
+
+def setup_transit(server: OpenBaoServer, workdir: Path) -> VaultTransit:
+    """The transit mount, policies and tokens (see the module docstring); the
+    mount and policies are reused if a previous call made them."""
+    mount = "transit"
+    with root_client(server) as client:
+        # each module importing the fixture sets it up again on the shared server
+        if f"{mount}/" not in client.sys.list_mounted_secrets_engines()["data"]:
+            client.sys.enable_secrets_engine("transit", path=mount)
+        client.sys.create_or_update_policy(TRANSIT_POLICY, transit_policy(mount, "+"))
+        client.sys.create_or_update_policy(
+            ENCRYPT_ONLY_POLICY, transit_policy(mount, "+", decrypt=False)
+        )
+    token = create_token(server, TRANSIT_POLICY)
+    encrypt_only = create_token(server, ENCRYPT_ONLY_POLICY)
+    for name, value in (("transit-token", token), ("encrypt-only-token", encrypt_only)):
+        (workdir / name).write_text(value + "\n")
+        (workdir / name).chmod(0o600)
+    return VaultTransit(
+        server=server,
+        mount=mount,
+        token=token,
+        token_file=workdir / "transit-token",
+        encrypt_only_token_file=workdir / "encrypt-only-token",
+    )
+
+
+@pytest.fixture(scope="session", name="vault_transit")
+def vault_transit_fixture(
+    openbao: OpenBaoServer, tmp_path_factory: pytest.TempPathFactory
+) -> VaultTransit:
+    """The transit engine of the session server."""
+    return setup_transit(openbao, tmp_path_factory.mktemp("vault-transit"))
 
 
 def sign_rate(provider: Provider, *, calls: int = 200, threads: int = 1) -> float:

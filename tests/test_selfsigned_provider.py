@@ -454,3 +454,23 @@ def test_a_key_that_does_not_unlock_stops_the_run_with_one_line(
     assert "Traceback" not in run.err + run.out
     assert PASSPHRASE not in run.err + run.out
     assert snapshot(workdir) == before
+
+
+def test_rekey_moves_the_two_file_form_into_one_unit_under_the_new_passphrase(
+    provider: SelfSignedProvider,
+    store: FileStateStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = _store_earlier_form(provider, tmp_path, two_files=True)
+    monkeypatch.setenv("NEW_PASSPHRASE", "a new passphrase")
+    config = SelfSignedConfig(passphrase_env="NEW_PASSPHRASE")
+    with SelfSignedProvider("corp", config, store.blobs(), lambda: datetime.now(UTC)) as fresh:
+        done = fresh.rekey(SelfSignedConfig(passphrase_env="TEST_PASSPHRASE"))
+    assert done.changed and done.root == root
+    assert "with 2048 rounds" in done.before and f"with {keyseal.ITERATIONS} rounds" in done.after
+    corp = _corp(tmp_path)
+    assert sorted(_files(corp)) == ["root.pem"]
+    block = (corp / "root.pem").read_bytes()
+    assert keyseal.unseal(block[block.index(KEY_BLOCK) :], b"a new passphrase")
+    _signs(SelfSignedProvider("corp", config, store.blobs(), lambda: datetime.now(UTC)), root)

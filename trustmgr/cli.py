@@ -40,6 +40,7 @@ from trustmgr.federation import Finding, config_findings, mesh_config_fragment
 from trustmgr.observe import observe_all
 from trustmgr.planner import CANARY_FIRST, Action, Plan, decide, rotation_clusters
 from trustmgr.providers import ProviderError, ProviderNeedsFixError
+from trustmgr.rekey import previous_protection, rekey
 from trustmgr.status import cluster_status, verify_all
 
 log = logging.getLogger("trustmgr")
@@ -820,6 +821,60 @@ def bundle_export(obj: Context, mesh: str, out: Path | None, refresh_hint: int) 
         click.echo(data.decode(), nl=False)
     else:
         _write_output(out, data)
+
+
+@cli.group("state")
+def state_group() -> None:
+    """What trustmgr keeps in its state store."""
+
+
+@state_group.command("rekey")
+@click.option("--provider", required=True, help="The self-signed provider whose root key to move.")
+@click.option(
+    "--from-passphrase-env",
+    metavar="VAR",
+    help="The variable holding the passphrase the key is sealed with now.",
+)
+@click.option(
+    "--from-passphrase-file",
+    type=click.Path(path_type=Path),
+    help="A file holding the passphrase the key is sealed with now.",
+)
+@click.option(
+    "--from-config",
+    type=click.Path(path_type=Path),
+    help="A configuration whose settings of the provider protect the key now.",
+)
+@click.pass_obj
+def state_rekey(
+    obj: Context,
+    provider: str,
+    from_passphrase_env: str | None,
+    from_passphrase_file: Path | None,
+    from_config: Path | None,
+) -> None:
+    """Protect a self-signed root key as the configuration now says (a new
+    passphrase, or keyEncryption), opening it as the --from option says; with
+    none, seal it afresh under the configured protection."""
+    cfg = obj.config()
+    previous = previous_protection(
+        cfg,
+        provider,
+        passphrase_env=from_passphrase_env,
+        passphrase_file=from_passphrase_file,
+        config_path=from_config,
+    )
+    for done in rekey(cfg, provider, previous=previous, clock=now_utc):
+        root = f"provider {provider}, root {done.fingerprint[:16]}…"
+        if done.generation:
+            root += f" (generation {done.generation})"
+        if done.result.changed:
+            click.echo(
+                f"{root}: {done.result.before} -> {done.result.after}; opened again before it "
+                "replaced the stored key"
+            )
+        else:
+            click.echo(f"{root}: already {done.result.after}; nothing changed")
 
 
 def _write_output(out: Path, data: bytes) -> None:
