@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -410,3 +411,29 @@ def test_a_missing_state_namespace_is_named_with_the_fix(
     result = trustmgr("-c", str(config), "bootstrap")
     assert result.code == 2
     assert "kubectl create namespace absent" in result.err
+
+
+def test_the_role_of_the_docs_is_enough(
+    workdir: Path, cluster: KubeEmulator, kubeconfig: Path
+) -> None:
+    text = (REPO / "docs" / "state.md").read_text()
+    role = next(
+        yaml.safe_load(block)
+        for block in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+        if "kind: Role" in block
+    )
+    for rule in role["rules"]:
+        cluster.allow(
+            rule["verbs"],
+            rule["resources"],
+            namespaces=role["metadata"]["namespace"],
+            names=rule.get("resourceNames", "*"),
+        )
+    config = write_config(workdir, kubeconfig)
+    assert trustmgr("-c", str(config), "bootstrap").code == 0
+    (workdir / "out" / "web-1" / "ca-cert.pem").unlink()  # drift: a second run writes
+    assert trustmgr("-c", str(config), "bootstrap").code == 0
+    assert cluster.count("update", "secrets") and cluster.count("update", "leases")
+    assert all(r.status != 403 for r in cluster.requests), [
+        (r.verb, r.resource, r.name, r.status) for r in cluster.requests
+    ]
