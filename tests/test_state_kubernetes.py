@@ -212,7 +212,8 @@ def test_check_writable_is_a_dry_run_the_api_server_judges(
     store.save(State())
     cluster.deny("update", "secrets")
     with pytest.raises(
-        StateError, match=r'state store: forbidden: .* lack update on secrets "trustmgr-state"'
+        StateError,
+        match=r'state store: forbidden: .* lack update on secrets "trustmgr-state" .*docs/state.md',
     ):
         store.check_writable()
     missing = stores(namespace="elsewhere")

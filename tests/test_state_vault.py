@@ -227,6 +227,21 @@ def test_a_run_that_lost_its_lock_writes_nothing_more(
     assert (kv(openbao, f"{path}/lock") or {})["holder"] == "intruder"
 
 
+def test_a_mount_that_requires_cas_takes_every_write(
+    stores: Stores, openbao: OpenBaoServer
+) -> None:
+    with root_client(openbao) as client:
+        if "kvcas/" not in client.sys.list_mounted_secrets_engines()["data"]:
+            client.sys.enable_secrets_engine("kv", path="kvcas", options={"version": "2"})
+            client.secrets.kv.v2.configure(cas_required=True, mount_point="kvcas")
+    store = stores(mount="kvcas")
+    with store.lock():
+        store.save(store.load())
+        store.blobs().save("corp/root.pem", b"one", secret=True)
+        store.blobs().save("corp/root.pem", b"two", secret=True)
+    assert stores(mount="kvcas").blobs().load("corp/root.pem") == b"two"
+
+
 # --- refusals --------------------------------------------------------------------------------
 
 

@@ -244,7 +244,9 @@ class KubernetesStateStore:
                     f"create it (kubectl create namespace {self.namespace}), or set "
                     "stateStore.kubernetes.namespace"
                 ) from None
-            raise StateError(f"state store: {exc}") from None
+            # The permissions a store needs are in docs/state.md, not with the targets'.
+            message = str(exc).replace("(docs/kubernetes.md)", "(docs/state.md)")
+            raise StateError(f"state store: {message}") from None
 
     def _read(self) -> _Stored | None:
         request = Request("get", "secrets", self.name, self.namespace)

@@ -5,8 +5,9 @@ Under ``<mount>`` (default ``secret``) and ``<path>`` (default ``trustmgr/state`
 - ``<path>``: the state's JSON as the secret's data, written with ``cas`` set
   to the version read, so a writer that read before another wrote is refused
   by Vault, and the save with StateError ("changed during this run; run again");
-- ``<path>/blobs/<name>``: one secret per blob, ``{"blob": <base64>}``; a
-  removed blob's versions are all destroyed (its metadata deleted);
+- ``<path>/blobs/<name>``: one secret per blob, ``{"blob": <base64>}``, also
+  written with ``cas``; a removed blob's versions are all destroyed (its
+  metadata deleted);
 - ``<path>/lock``: the run lock, ``{"holder", "expires", "renewed"}``, taken
   with ``cas`` when absent, released or expired, renewed in the background
   while held, released by clearing the holder.
@@ -344,9 +345,24 @@ class _VaultBlobs:
             ) from None
 
     def save(self, name: str, data: bytes, *, secret: bool) -> None:
-        self._store._lock.check()
+        """One write, with ``cas`` set to the version read, as every write of this
+        store is (a mount may require it)."""
         path = f"{self._base}/{check_blob_name(name)}"
-        self._store.write(path, {"blob": base64.b64encode(data).decode()}, cas=None)
+        body = {"blob": base64.b64encode(data).decode()}
+        for _ in range(SAVE_ATTEMPTS):
+            current = self._store.read(path)
+            if current is not None and current.data == body:
+                return
+            self._store._lock.check()
+            try:
+                self._store.write(path, body, cas=current.version if current else 0)
+            except _CasMismatch:
+                continue
+            return
+        raise StateError(
+            f"{self._store.mount}/{path} kept changing while this run wrote it "
+            f"({SAVE_ATTEMPTS} conflicts); run again"
+        )
 
     def delete(self, name: str) -> None:
         self._store._lock.check()
