@@ -19,13 +19,14 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, snapshot, trustmgr
-from tests.openbao import OpenBaoServer, approle_credentials, create_token, root_client
+from tests.openbao import OpenBaoServer, create_token, root_client
 from trustmgr.config import VaultStateStoreConfig
 from trustmgr.errors import LockedError, StateError
 from trustmgr.state.model import State
 from trustmgr.state.vault import VaultStateStore
 
 Stores = Callable[..., VaultStateStore]
+APPROLE_MOUNT = "approle-state"
 
 
 @pytest.fixture
@@ -253,6 +254,17 @@ def test_a_kv_version_1_mount_is_refused(stores: Stores, openbao: OpenBaoServer)
         stores(mount="kv1").load()
 
 
+def test_missing_credentials_are_named_without_their_value(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VAULT_TOKEN", raising=False)
+    with pytest.raises(StateError) as refused:
+        stores(auth={"token": {}}).load()
+    assert str(refused.value) == (
+        "stateStore.vault: auth.token: environment variable VAULT_TOKEN is empty or unset"
+    )
+
+
 def test_a_token_without_the_policy_is_found_before_any_write(
     stores: Stores, openbao: OpenBaoServer, tmp_path: Path
 ) -> None:
@@ -281,12 +293,18 @@ def approle(openbao: OpenBaoServer, tmp_path: Path) -> dict[str, str]:
     the default, trustmgr/state, emptied first."""
     with root_client(openbao) as client:
         client.sys.create_or_update_policy("trustmgr-state", docs_policy())
-        if "approle/" not in client.sys.list_auth_methods()["data"]:
-            client.sys.enable_auth_method("approle", path="approle")
-        client.auth.approle.create_or_update_approle(
-            "trustmgr-state", token_policies=["trustmgr-state"], token_ttl="1h"
+        # Its own mount: the session's PKI fixture enables the one at approle/.
+        if f"{APPROLE_MOUNT}/" not in client.sys.list_auth_methods()["data"]:
+            client.sys.enable_auth_method("approle", path=APPROLE_MOUNT)
+        approle = client.auth.approle
+        approle.create_or_update_approle(
+            "trustmgr-state",
+            token_policies=["trustmgr-state"],
+            token_ttl="1h",
+            mount_point=APPROLE_MOUNT,
         )
-        role_id, secret_id = approle_credentials(client, "trustmgr-state")
+        role_id = approle.read_role_id("trustmgr-state", mount_point=APPROLE_MOUNT)["data"]
+        secret = approle.generate_secret_id("trustmgr-state", mount_point=APPROLE_MOUNT)["data"]
         for stale in ("trustmgr/state", "trustmgr/state/lock"):
             client.secrets.kv.v2.delete_metadata_and_all_versions(stale, mount_point="secret")
         try:
@@ -299,9 +317,13 @@ def approle(openbao: OpenBaoServer, tmp_path: Path) -> dict[str, str]:
             client.secrets.kv.v2.delete_metadata_and_all_versions(
                 f"trustmgr/state/blobs/corp/{key}", mount_point="secret"
             )
-    (tmp_path / "role-id").write_text(role_id)
-    (tmp_path / "secret-id").write_text(secret_id)
-    return {"roleIdFile": str(tmp_path / "role-id"), "secretIdFile": str(tmp_path / "secret-id")}
+    (tmp_path / "role-id").write_text(role_id["role_id"])
+    (tmp_path / "secret-id").write_text(secret["secret_id"])
+    return {
+        "mount": APPROLE_MOUNT,
+        "roleIdFile": str(tmp_path / "role-id"),
+        "secretIdFile": str(tmp_path / "secret-id"),
+    }
 
 
 def write_config(workdir: Path, store: dict[str, Any]) -> Path:

@@ -12,6 +12,7 @@ whichever machines they run on:
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from contextlib import AbstractContextManager
 from datetime import timedelta
@@ -90,13 +91,22 @@ def check_blob_name(name: str) -> str:
     return name
 
 
+def _require(package: str, kind: str, extra: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise StateError(
+            f"stateStore.{kind} needs the {package} package: pip install 'trustmgr[{extra}]'"
+        )
+
+
 def build_store(config: StateStoreConfig) -> StateStore:
     """The store ``config`` names. Nothing is read or written until it is used."""
     if config.kubernetes is not None:
+        _require("kubernetes", "kubernetes", "kubernetes")
         from trustmgr.state.kubernetes import KubernetesStateStore
 
         return KubernetesStateStore(config.kubernetes)
     if config.vault is not None:
+        _require("hvac", "vault", "vault")
         from trustmgr.state.vault import VaultStateStore
 
         return VaultStateStore(config.vault)
