@@ -268,10 +268,10 @@ def test_an_expired_lock_is_taken_over(stores: Stores, cluster: KubeEmulator) ->
 
 
 def test_a_long_run_keeps_its_lock_renewed(stores: Stores, cluster: KubeEmulator) -> None:
-    holder, other = stores(lock_duration=timedelta(seconds=1)), stores()
+    holder, other = stores(lock_duration=timedelta(seconds=1.5)), stores()
     with holder.lock():
         acquired = lease_spec(cluster)["renewTime"]
-        time.sleep(2.5)  # more than twice the duration
+        time.sleep(3.5)  # more than twice the duration
         assert lease_spec(cluster)["renewTime"] > acquired
         with pytest.raises(LockedError):
             take(other)
@@ -281,13 +281,13 @@ def test_a_long_run_keeps_its_lock_renewed(stores: Stores, cluster: KubeEmulator
 def test_a_run_that_lost_its_lock_writes_nothing_more(
     stores: Stores, cluster: KubeEmulator
 ) -> None:
-    store = stores(lock_duration=timedelta(seconds=1))
+    store = stores(lock_duration=timedelta(seconds=3))
     with store.lock():
         lease = cluster.get_object("leases", NS, LEASE)
         assert lease is not None
         lease["spec"]["holderIdentity"] = "intruder"
         cluster.put_object(lease)
-        time.sleep(1)  # a renewal finds the lease taken
+        time.sleep(2)  # a renewal (every second) finds the lease taken
         with pytest.raises(
             LockedError, match=r"this run lost the state lock .*intruder holds it now"
         ):

@@ -419,17 +419,16 @@ class _LockRecord:
 
     def renew(self, holding: Holding, now: datetime) -> Holding:
         version = self._rewrite(holding, self._record(holding.identity, now))
-        if version is None:
-            raise LockLostError("another holder took it over after it expired")
         return Holding(holding.identity, now + self._duration, version)
 
     def release(self, holding: Holding, now: datetime) -> None:
-        self._rewrite(holding, self._record("", now))
+        with suppress(LockLostError):  # taken over after it expired: not ours to clear
+            self._rewrite(holding, self._record("", now))
 
-    def _rewrite(self, holding: Holding, record: dict[str, Any]) -> int | None:
-        """Write ``record`` over our own; None when the record has another holder.
-        A version we do not know may still be ours: a write that landed without
-        its answer."""
+    def _rewrite(self, holding: Holding, record: dict[str, Any]) -> int:
+        """Write ``record`` over our own; LockLostError when the record has another
+        holder. A version we do not know may still be ours: a write that landed
+        without its answer."""
         assert isinstance(holding.version, int)
         version = holding.version
         for _ in range(2):
@@ -437,7 +436,8 @@ class _LockRecord:
                 return self._store.write(self._path, record, cas=version)
             except _CasMismatch:
                 current = self._store.read(self._path)
-                if current is None or current.data.get("holder") != holding.identity:
-                    return None
+                holder = str(current.data.get("holder") or "") if current else ""
+                if current is None or holder != holding.identity:
+                    raise LockLostError(f"{holder or 'nobody'} holds it now") from None
                 version = current.version
-        return None
+        raise StoreUnavailableError(f"state store: {self.what} kept changing while it was written")
