@@ -4,10 +4,11 @@ One :class:`KubeEmulator` is one cluster.  It serves plain HTTP on 127.0.0.1 (ep
 and speaks enough of the Kubernetes REST API for the official ``kubernetes`` client to work with
 it unmodified:
 
-* core/v1 ``namespaces`` (get, list, create, delete), ``secrets`` and ``configmaps``, and
-  apps/v1 ``deployments``: get, list (``labelSelector``, ``fieldSelector``, ``limit``/``continue``),
-  create (201), replace (PUT), patch (merge, strategic merge, JSON patch), delete,
-  deletecollection; ``dryRun=All`` on writes.
+* core/v1 ``namespaces`` (get, list, create, delete), ``secrets`` and ``configmaps``,
+  apps/v1 ``deployments`` and coordination.k8s.io/v1 ``leases``: get, list
+  (``labelSelector``, ``fieldSelector``, ``limit``/``continue``), create (201), replace (PUT),
+  patch (merge, strategic merge, JSON patch), delete, deletecollection; ``dryRun=All`` on
+  writes.
 * ``metadata.resourceVersion`` from one etcd-like counter per cluster, bumped by every write
   (a no-op update or patch writes nothing and keeps it, as etcd3's store does); a stale
   resourceVersion on PUT/PATCH, or failed delete preconditions, answer 409 Conflict.
@@ -143,6 +144,7 @@ RESOURCES: Final[Mapping[str, ResourceType]] = {
         ResourceType("secrets", "Secret"),
         ResourceType("configmaps", "ConfigMap"),
         ResourceType("deployments", "Deployment", "apps", has_generation=True),
+        ResourceType("leases", "Lease", "coordination.k8s.io"),
     )
 }
 _BY_KIND: Final = {(r.api_version, r.kind): r for r in RESOURCES.values()}
@@ -694,11 +696,45 @@ def _admit_namespace(obj: Obj, old: Obj | None) -> list[_FieldError]:
     return []
 
 
+_MICRO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})")
+
+
+def _admit_lease(obj: Obj, old: Obj | None) -> list[_FieldError]:
+    """coordination.k8s.io/v1 Lease: the times must parse as MicroTime (else the
+    body is refused as undecodable, 400); durations and transitions are checked
+    as ValidateLeaseSpec does."""
+    spec = obj.setdefault("spec", {})
+    if not isinstance(spec, dict):
+        raise _bad_request('Lease in version "v1" cannot be handled as a Lease: spec')
+    for name in ("acquireTime", "renewTime"):
+        value = spec.get(name)
+        if value is not None and not (isinstance(value, str) and _MICRO_TIME.fullmatch(value)):
+            raise _bad_request(
+                f'Lease in version "v1" cannot be handled as a Lease: parsing time '
+                f"{json.dumps(value)}: spec.{name}"
+            )
+    errors: list[_FieldError] = []
+    holder = spec.get("holderIdentity")
+    if holder is not None and not isinstance(holder, str):
+        raise _bad_request('Lease in version "v1" cannot be handled as a Lease: holderIdentity')
+    for name, least in (("leaseDurationSeconds", 1), ("leaseTransitions", 0)):
+        value = spec.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _bad_request(f'Lease in version "v1" cannot be handled as a Lease: {name}')
+        if value < least:
+            detail = "must be greater than 0" if least else "must be greater than or equal to 0"
+            errors.append(_invalid_value(f"spec.{name}", value, detail))
+    return errors
+
+
 _ADMIT: Final[Mapping[str, Callable[[Obj, Obj | None], list[_FieldError]]]] = {
     "secrets": _admit_secret,
     "configmaps": _admit_configmap,
     "deployments": _admit_deployment,
     "namespaces": _admit_namespace,
+    "leases": _admit_lease,
 }
 
 

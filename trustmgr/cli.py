@@ -877,6 +877,38 @@ def state_rekey(
             click.echo(f"{root}: already {done.result.after}; nothing changed")
 
 
+@state_group.command("migrate")
+@click.option(
+    "--to",
+    "--to-config",
+    "to",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A configuration file whose stateStore names the destination.",
+)
+@click.pass_obj
+def state_migrate(obj: Context, to: Path) -> None:
+    """Copy the state and blobs into an empty store; verify the copy."""
+    from trustmgr.state.migrate import migrate
+    from trustmgr.state.store import build_store
+
+    source = build_store(obj.config().state_store)
+    try:
+        destination = build_store(config_mod.load(to).state_store)
+        try:
+            done = migrate(source, destination)
+        finally:
+            destination.close()
+    finally:
+        source.close()
+    click.echo(
+        f"copied the state ({len(done.state.clusters)} clusters, {len(done.state.rotations)} "
+        f"rotations) and {len(done.blobs)} blobs from {done.source} to {done.destination}, "
+        f"and read them back equal; use {to} (or its stateStore) from now on, and remove the "
+        "old store once it is no longer needed"
+    )
+
+
 def _write_output(out: Path, data: bytes) -> None:
     try:
         write_atomic(out, data)

@@ -14,7 +14,13 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from trustmgr.errors import ConfigError
-from trustmgr.providers.config import ProviderConfig
+from trustmgr.providers.config import (
+    ProviderConfig,
+    VaultAuth,
+    VaultPath,
+    VaultTokenAuth,
+    _vault_address,
+)
 from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.schema import (
     CA_LIFETIME_FLOOR,
@@ -59,8 +65,60 @@ class FileStateStoreConfig(Model):
     path: LocalPath = ".trustmgr"
 
 
+class KubernetesStateStoreConfig(Model):
+    """The state and the providers' blobs in one Secret, the run lock in a Lease
+    ``<name>-lock`` beside it. The API is reached as a Kubernetes target's is."""
+
+    namespace: str = Field(default="trustmgr", pattern=_DNS_LABEL)
+    name: str = Field(default="trustmgr-state", pattern=_DNS_SUBDOMAIN, max_length=248)
+    """The Secret's name; the Lease is named after it, with ``-lock`` appended."""
+    kubeconfig: LocalPath | None = None
+    context: str | None = None
+    in_cluster: bool = False
+    request_timeout: Duration = timedelta(seconds=10)
+    attempts: int = Field(default=4, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _in_cluster_or_kubeconfig(self) -> KubernetesStateStoreConfig:
+        if self.in_cluster and (self.kubeconfig or self.context):
+            raise ValueError(
+                "inCluster uses the pod's service account; drop kubeconfig and context"
+            )
+        return self
+
+
+class VaultStateStoreConfig(Model):
+    """Vault or OpenBao KV version 2: the state at ``<path>``, blobs under
+    ``<path>/blobs/``, the run lock at ``<path>/lock``."""
+
+    address: Annotated[str, AfterValidator(_vault_address)]
+    mount: VaultPath = "secret"
+    path: VaultPath = "trustmgr/state"
+    auth: VaultAuth = VaultAuth(token=VaultTokenAuth())
+    namespace: str | None = None
+    ca_cert: LocalPath | None = None
+
+
 class StateStoreConfig(Model):
+    """Exactly one store; ``file`` when none is named."""
+
     file: FileStateStoreConfig = FileStateStoreConfig()
+    kubernetes: KubernetesStateStoreConfig | None = None
+    vault: VaultStateStoreConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_store(self) -> StateStoreConfig:
+        named = [k for k in ("file", "kubernetes", "vault") if k in self.model_fields_set]
+        if len(named) > 1:
+            raise ValueError(f"choose one state store, not {' and '.join(named)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``file``, ``kubernetes`` or ``vault``."""
+        if self.kubernetes is not None:
+            return "kubernetes"
+        return "vault" if self.vault is not None else "file"
 
 
 class IstioSettings(Model):

@@ -15,7 +15,7 @@ from trustmgr.errors import BadInputError
 from trustmgr.providers import Clock
 from trustmgr.providers.config import SelfSignedConfig
 from trustmgr.providers.selfsigned import Rekeyed, SelfSignedProvider
-from trustmgr.state.file import FileStateStore
+from trustmgr.state.store import StateStore, build_store
 from trustmgr.workspace import authority
 
 
@@ -70,7 +70,7 @@ def rekey(
     *,
     previous: SelfSignedConfig | None,
     clock: Clock,
-    store: FileStateStore | None = None,
+    store: StateStore | None = None,
 ) -> list[RootRekeyed]:
     """Rekey every root of ``provider`` the state names (the current one, and
     the new root of a rotation in progress), holding the state lock. Each key is
@@ -86,7 +86,12 @@ def rekey(
             f"provider {provider} is of kind {entry.kind}: only a selfSigned provider keeps a "
             "root key for trustmgr to rekey"
         )
-    store = store or FileStateStore(Path(config.state_store.file.path).expanduser())
+    if store is None:
+        built = build_store(config.state_store)
+        try:
+            return rekey(config, provider, previous=previous, clock=clock, store=built)
+        finally:
+            built.close()
     done = []
     with store.lock():
         state = store.load()

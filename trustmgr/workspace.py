@@ -10,7 +10,7 @@ from types import TracebackType
 
 from trustmgr.config import ClusterConfig, Config
 from trustmgr.providers import BlobStore, Clock, Provider, RootKeeper
-from trustmgr.state.file import FileStateStore
+from trustmgr.state.store import StateStore, build_store
 from trustmgr.targets import Target
 from trustmgr.targets.directory import DirectoryTarget
 from trustmgr.upstream import build_provider
@@ -36,7 +36,7 @@ class Workspace:
 
     config: Config
     clock: Clock
-    store: FileStateStore
+    store: StateStore
     providers: dict[str, Provider]
     targets: dict[str, Target]
     meshes_of: dict[str, str] = field(default_factory=dict)
@@ -51,13 +51,19 @@ class Workspace:
         *,
         clock: Clock,
         target_factory: TargetFactory = default_target,
-        store: FileStateStore | None = None,
+        store: StateStore | None = None,
         providers: Mapping[str, Provider] | None = None,
     ) -> Workspace:
         """``providers`` replaces the providers built from the configuration,
         by name: the seam for a provider whose remote side cannot run here."""
-        store = store or FileStateStore(Path(config.state_store.file.path).expanduser())
-        state = store.load()
+        built_store = store is None
+        store = store or build_store(config.state_store)
+        try:
+            state = store.load()
+        except BaseException:
+            if built_store:
+                store.close()
+            raise
         given = providers or {}
         # Providers of meshes, and those clusters or moves were issued under: a
         # mesh moving to another provider is read against the one it leaves.
@@ -80,7 +86,8 @@ class Workspace:
         return cls(config, clock, store, built, targets, meshes_of, incoming)
 
     def close(self) -> None:
-        """Release every target's and provider's connections."""
+        """Release every target's, provider's and the state store's connections."""
+        self.store.close()
         for target in self.targets.values():
             target.close()
         for provider in (*self.providers.values(), *self.incoming.values()):
@@ -119,7 +126,7 @@ class Workspace:
 
 
 def authority(
-    config: Config, store: FileStateStore, provider: str, generation: str, clock: Clock
+    config: Config, store: StateStore, provider: str, generation: str, clock: Clock
 ) -> Provider:
     """Provider ``provider`` holding the root of ``generation``: a self-signed
     provider keeps each generation's root apart ("" is the first)."""

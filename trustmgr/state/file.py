@@ -57,10 +57,31 @@ class _Blobs:
         except OSError as exc:
             raise StateError(f"cannot remove {path}: {exc.strerror}") from None
 
+    def names(self) -> list[str]:
+        """Every blob's name, sorted; the temporary files of writes in progress
+        (or cut short) are not blobs."""
+        if not self._root.is_dir():
+            return []
+        return sorted(
+            path.relative_to(self._root).as_posix()
+            for path in self._root.rglob("*")
+            if path.is_file() and not path.name.startswith(".")
+        )
+
 
 class FileStateStore:
+    """The state in a local directory; the lock an OS file lock, released by the
+    OS when its process dies."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @property
+    def description(self) -> str:
+        return f"directory {self.path}"
+
+    def close(self) -> None:
+        """Nothing to release: files are opened and closed by each call."""
 
     @property
     def _state_file(self) -> Path:
