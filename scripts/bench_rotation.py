@@ -16,7 +16,7 @@ removed), each of those writes contained the previous ``root-cert.pem`` or sat i
 (istiod's multi-root rule, read from the emulators' write logs), and istiod's load checks
 pass on every cluster.
 
-Every ``--workers`` value given (default: the CLI's 16, and 32) and the one-at-a-time
+Every ``--workers`` value given (default: the CLI's 32, and 16) and the one-at-a-time
 baseline (``--workers 1``) run in the same invocation, alternating; the baseline sends
 one request at a time, so it gets fewer runs (``--baseline-runs``). Imports are warmed
 before timing; the cost of starting a process for each command is measured apart.
@@ -286,7 +286,7 @@ def main_bench(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs of each parallel side")
     parser.add_argument("--baseline-runs", type=int, default=1, help="runs of --workers 1")
     parser.add_argument(
-        "--workers", default="16,32", help="the parallel sides' workers, comma-separated"
+        "--workers", default="32,16", help="the parallel sides' workers, comma-separated"
     )
     parser.add_argument("--quick", action="store_true", help="20 clusters, 1 run each")
     parser.add_argument("--check-goal", action="store_true", help=f"exit 1 above {GOAL:.0f} s")

@@ -73,7 +73,7 @@ output_option = click.option(
 )
 workers_option = click.option(
     "--workers",
-    default=16,
+    default=32,
     show_default=True,
     type=click.IntRange(1, 256),
     help="Clusters worked on at once.",
