@@ -12,6 +12,7 @@ from trustmgr.providers.base import (
     ProviderNeedsFixError,
     ProviderTransientError,
     RootKeeper,
+    RootRenewer,
     SignedCA,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "ProviderNeedsFixError",
     "ProviderTransientError",
     "RootKeeper",
+    "RootRenewer",
     "SignedCA",
 ]

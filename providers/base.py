@@ -94,6 +94,17 @@ class RootKeeper(Protocol):
         ...
 
 
+@runtime_checkable
+class RootRenewer(Protocol):
+    """A provider that can make a new root beside its current one at its remote
+    authority (a new root issuer in a Vault mount)."""
+
+    def new_root(self, label: str) -> tuple[str, x509.Certificate]:
+        """Make the new root, named ``label`` where the authority names things;
+        return the reference that selects it (its generation) and its certificate."""
+        ...
+
+
 class BlobStore(Protocol):
     """Durable storage a provider may keep its own material in (the self-signed
     provider keeps its root there). Writes are atomic; files holding secrets are

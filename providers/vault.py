@@ -44,6 +44,7 @@ import hvac.exceptions
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from trustmgr.providers.base import (
@@ -283,6 +284,18 @@ def _signed_chain(answer: Answer, path: str) -> tuple[x509.Certificate, ...]:
     leaf = issued[0]
     chain, _ = _chain_up(leaf, [c for c in dict.fromkeys([*issued[1:], *others]) if c != leaf])
     return chain
+
+
+def _new_issuer(answer: Answer, path: str) -> tuple[str, x509.Certificate]:
+    """The id and certificate of an issuer a generate call made."""
+    data = answer.get("data")
+    if not isinstance(data, dict) or not data.get("issuer_id") or not data.get("certificate"):
+        raise _Failure(path, reason="answer", detail="no issuer_id or certificate")
+    try:
+        cert = x509.load_pem_x509_certificate(str(data["certificate"]).encode())
+    except ValueError:
+        raise _Failure(path, reason="answer", detail="certificate is not PEM") from None
+    return str(data["issuer_id"]), cert
 
 
 def _issuer_list(answer: Answer, path: str) -> list[tuple[str, str, bool]]:
@@ -615,10 +628,14 @@ class VaultProvider:
         clock: Clock,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        issuer_roots_only: bool = False,
     ) -> None:
-        """``sleep`` waits between retries; tests may pass their own."""
+        """``sleep`` waits between retries; tests may pass their own.
+        ``issuer_roots_only``: report only the root of the configured issuer,
+        not those of every issuer of the mount."""
         self.name = name
         self._config = config
+        self._issuer_roots_only = issuer_roots_only
         self._clock = clock
         self._session = VaultSession(name, config, clock)
         self._http = self._session.http
@@ -658,8 +675,53 @@ class VaultProvider:
         self.close()
 
     def roots(self) -> tuple[x509.Certificate, ...]:
-        """The self-signed ends of the chains of every issuer of the mount, read now."""
-        return self._read_snapshot().roots
+        """The self-signed ends of the chains of every issuer of the mount, read now
+        (of the configured issuer only, when so built)."""
+        snapshot = self._read_snapshot()
+        if not self._issuer_roots_only:
+            return snapshot.roots
+        issuer = snapshot.find(self._config.issuer)
+        if issuer is None:
+            raise self._no_issuer()
+        return (issuer.root,) if issuer.root is not None else ()
+
+    def new_root(self, label: str) -> tuple[str, x509.Certificate]:
+        """Generate a new root issuer in the mount, beside the others and not the
+        default (``<mount>/root/generate/internal``, named ``label``), with the
+        key type, subject and lifetime of the configured issuer's root. Returns
+        its issuer id and certificate."""
+        cfg = self._config
+        current = self._read_snapshot().find(cfg.issuer)
+        if current is None or current.root is None:
+            raise self._no_issuer()
+        root = current.root
+        names = root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        base = str(names[0].value) if names else "trustmgr root"
+        common_name = f"{base} {label}"
+        public = root.public_key()
+        key_type, key_bits = (
+            ("rsa", public.key_size)
+            if isinstance(public, rsa.RSAPublicKey)
+            else ("ec", public.curve.key_size if isinstance(public, ec.EllipticCurvePublicKey) else 256)
+        )
+        lifetime = root.not_valid_after_utc - root.not_valid_before_utc
+        body: dict[str, object] = {
+            "common_name": common_name[:64],
+            "issuer_name": label,
+            "key_type": key_type,
+            "key_bits": key_bits,
+            "ttl": f"{int(lifetime.total_seconds())}s",
+        }
+        made = self._request(
+            "post",
+            f"{cfg.mount}/root/generate/internal",
+            capability="update",
+            body=body,
+            parse=_new_issuer,
+        )
+        with self._snapshot_lock:
+            self._snapshot = None  # the mount has one issuer more
+        return made
 
     def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
         """Sign ``csr`` with the configured issuer (the mount's default when none is set).

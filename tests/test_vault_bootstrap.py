@@ -112,3 +112,59 @@ def test_a_mesh_moves_from_a_self_signed_root_to_vault(vault_pki: VaultPKI, work
     assert_openssl_enforces_trust_domain(
         workdir / "out/web-1", "web.example", "payments.example", workdir
     )
+
+
+def test_a_vault_root_is_renewed_in_the_same_mount(vault_pki: VaultPKI, workdir: Path) -> None:
+    """`rotate start` on a Vault provider makes a new root issuer in its mount;
+    the passes carry every cluster to it, and afterwards the provider reports
+    and signs with that issuer alone."""
+    from tests.openbao import create_root_mount, create_token, root_client, signer_policy
+
+    mount = "pki_renew"
+    with root_client(vault_pki.server) as client:
+        create_root_mount(client, mount, "Renewed Root", issuer_name="first")
+        policy = signer_policy(mount) + (
+            f'\npath "{mount}/root/generate/internal" {{ capabilities = ["update"] }}'
+        )
+        client.sys.create_or_update_policy("renewer", policy)
+    token_file = workdir / "renewer-token"
+    token_file.write_text(create_token(vault_pki.server, "renewer"))
+    text = config(vault_pki, mount, f"{{token: {{file: {token_file}}}}}").replace(
+        "stateStore: {file: {path: state}}\n",
+        "stateStore: {file: {path: state}}\nrotation: {soak: 0s, canary: 1}\n",
+    )
+    (workdir / "trustmgr.yaml").write_text(text)
+    assert trustmgr("bootstrap").code == 0
+    old = load_certificates((workdir / "out/pci-east/cert-chain.pem").read_bytes(), "c")[-1]
+    start = trustmgr("rotate", "start", "--provider", "vault-prod")
+    assert start.code == 0, start.err
+    plan = json.loads(trustmgr("plan", "-o", "json").out)
+    assert {c["cluster"] for c in plan["clusters"] if c["action"] != "none"} == {
+        "pci-east",
+        "pci-west",
+        "web-1",
+    }  # trust-distributed: the new root reaches every bundle first
+    phases = []
+    for _ in range(8):
+        rows = json.loads(trustmgr("rotate", "status", "-o", "json").out)
+        if not rows:
+            break
+        phases.append(rows[0]["phase"])
+        run = trustmgr("reconcile")
+        assert run.code == 0, run.err
+        assert trustmgr("verify").code == 0
+    assert phases == [
+        "prepared",
+        "trust-distributed",
+        "issuer-switched",
+        "issuer-switched",
+        "old-removed",
+    ]
+    new = load_certificates((workdir / "out/pci-east/cert-chain.pem").read_bytes(), "c")[-1]
+    assert new != old
+    assert load_certificates((workdir / "out/pci-west/cert-chain.pem").read_bytes(), "c")[-1] == new
+    for cluster in ("pci-east", "pci-west", "web-1"):
+        bundle = TrustBundle.from_pem((workdir / "out" / cluster / "root-cert.pem").read_bytes())
+        assert old not in bundle and new in bundle
+    # The old issuer is still in the mount, yet no bundle takes it back.
+    assert "0 changed" in trustmgr("reconcile").out

@@ -52,10 +52,10 @@ from trustmgr.planner import (
     federation_at,
     overlapping,
 )
-from trustmgr.providers import RootKeeper
+from trustmgr.providers import RootKeeper, RootRenewer
 from trustmgr.state.model import BundleRecord, Phase, RotationRecord
 from trustmgr.targets.base import Rollbackable
-from trustmgr.workspace import Workspace, authority
+from trustmgr.workspace import Only, Workspace, authority
 
 __all__ = [
     "ClusterOutcome",
@@ -119,11 +119,11 @@ def start_rotation(ws: Workspace, provider: str) -> RotationRecord:
         used = ", ".join(sorted(ws.providers)) or "none"
         raise BadInputError(f"unknown provider {provider!r} (providers in use: {used})")
     current = ws.providers[provider]
-    if not isinstance(current, RootKeeper):
-        kind = type(current).__name__.removesuffix("Provider")
+    if not isinstance(current, RootKeeper | RootRenewer):
         raise BadInputError(
-            f"provider {provider} is of kind {kind}: trustmgr rotates self-signed roots; "
-            "rotate this provider's root where it lives"
+            f"provider {provider} cannot make a new root beside its current one (AWS "
+            "Private CA: create the new CA, add a provider for its ARN and move the "
+            "meshes to it; docs/rotation.md)"
         )
     with ws.store.lock():
         state = ws.store.load()
@@ -156,14 +156,22 @@ def start_rotation(ws: Workspace, provider: str) -> RotationRecord:
                 f"provider {provider} has no root yet: run `trustmgr bootstrap` first"
             )
         now = ws.clock()
-        generation = f"{now:%Y%m%d%H%M%S}"
-        incoming = authority(ws.config, ws.store, provider, generation, ws.clock)
-        assert isinstance(incoming, RootKeeper)
-        incoming.unlock()
-        incoming.prepare_root()
-        root = incoming.keep_prepared_root()
+        rotation_id = f"{now:%Y%m%d%H%M%S}"
+        if isinstance(current, RootKeeper):
+            generation = rotation_id
+            incoming = authority(ws.config, ws.store, provider, generation, ws.clock)
+            assert isinstance(incoming, RootKeeper)
+            incoming.unlock()
+            incoming.prepare_root()
+            root = incoming.keep_prepared_root()
+        else:
+            generation, root = current.new_root(f"trustmgr-{rotation_id}")
+            incoming = Only(
+                authority(ws.config, ws.store, provider, generation, ws.clock),
+                (fingerprint(root),),
+            )
         record = RotationRecord(
-            id=generation,
+            id=rotation_id,
             provider=provider,
             phase=Phase.PREPARED,
             generation=generation,

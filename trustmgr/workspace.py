@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 
+from cryptography import x509
+
+from trustmgr.bundles import fingerprint
 from trustmgr.config import ClusterConfig, Config
-from trustmgr.providers import BlobStore, Clock, Provider, RootKeeper
+from trustmgr.providers import BlobStore, Clock, Provider, RootKeeper, SignedCA
 from trustmgr.state.store import StateStore, build_store
 from trustmgr.targets import Target
 from trustmgr.targets.directory import DirectoryTarget
@@ -81,6 +85,13 @@ class Workspace:
             for key, r in state.rotations.items()
             if not r.mesh and r.provider in built
         }
+        for key, r in state.rotations.items():
+            # A provider that reports every root it has (a Vault mount) would show
+            # the new one before its phase: during a renewal it shows the old ones.
+            current = built.get(r.provider)
+            if key in incoming and current is not None and not isinstance(current, RootKeeper):
+                built[r.provider] = Only(current, r.old_roots)
+                incoming[key] = Only(incoming[key], r.new_roots)
         targets = {cluster: target_factory(cluster, c) for _, cluster, c in config.clusters()}
         meshes_of = {cluster: mesh for mesh, cluster, _ in config.clusters()}
         return cls(config, clock, store, built, targets, meshes_of, incoming)
@@ -131,9 +142,30 @@ def authority(
     """Provider ``provider`` holding the root of ``generation``: a self-signed
     provider keeps each generation's root apart ("" is the first)."""
     blobs: BlobStore = store.blobs()
-    if generation:
+    entry = config.providers[provider]
+    if generation and entry.self_signed is not None:
         blobs = _Prefixed(blobs, f"{provider}/generation-{generation}/")
-    return build_provider(provider, config.providers[provider], blobs=blobs, clock=clock)
+    return build_provider(provider, entry, blobs=blobs, clock=clock, generation=generation)
+
+
+class Only:
+    """A provider whose reported roots are limited to ``fingerprints``."""
+
+    def __init__(self, provider: Provider, fingerprints: tuple[str, ...]) -> None:
+        self.name = provider.name
+        self._provider, self._fingerprints = provider, set(fingerprints)
+
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        return tuple(r for r in self._provider.roots() if fingerprint(r) in self._fingerprints)
+
+    def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
+        answer = self._provider.sign_ca(csr, ttl)
+        return SignedCA(answer.chain, self.roots() or answer.roots)
+
+    def close(self) -> None:
+        close = getattr(self._provider, "close", None)
+        if callable(close):
+            close()
 
 
 class _Prefixed:
