@@ -1073,3 +1073,86 @@ def test_signing_many_clusters_asks_for_the_ca_certificate_once(
     )
     assert provider.roots()
     stubber.assert_no_pending_responses()
+
+
+def test_a_mesh_moves_to_a_new_private_ca_with_the_exact_requests(workdir: Path) -> None:
+    """Renewing an AWS root: the new private CA gets a provider of its own and
+    the mesh is pointed at it; the passes carry the move, and every issuance
+    after the switch goes to the new CA with the exact request."""
+    new_arn = ARN.replace("0e1f2a3b", "9a8b7c6d")
+    text = f"""\
+stateStore: {{file: {{path: state}}}}
+rotation: {{soak: 0s, canary: 0}}
+providers:
+  pca-old: {{acmPca: {{certificateAuthorityArn: "{ARN}", region: {REGION}}}}}
+  pca-new: {{acmPca: {{certificateAuthorityArn: "{new_arn}", region: {REGION}}}}}
+meshes:
+  payments:
+    trustDomain: payments.example
+    provider: pca-old
+    clusters:
+      pci-east: {{directory: {{path: out/pci-east}}}}
+      pci-west: {{directory: {{path: out/pci-west}}}}
+"""
+    path = workdir / "trustmgr.yaml"
+    path.write_text(text)
+
+    def clock() -> datetime:
+        return datetime.now(UTC)
+
+    old, new = Authority.create(clock()), Authority.create(clock())
+    clients = {
+        name: boto3.client(
+            "acm-pca", region_name=REGION, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET
+        )
+        for name in ("pca-old", "pca-new")
+    }
+    issued_by_new: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], model: OperationModel, **_: Any) -> None:
+        if model.name == "IssueCertificate":
+            issued_by_new.append(dict(params))
+
+    clients["pca-new"].meta.events.register("provide-client-params.acm-pca", record)
+    try:
+        with (
+            StubbedPca(clients["pca-old"], old, clock),
+            StubbedPca(clients["pca-new"], new, clock),
+        ):
+            providers: dict[str, Provider] = {
+                name: AcmPcaProvider(
+                    name,
+                    AcmPcaConfig(certificate_authority_arn=arn, region=REGION),
+                    clock,
+                    clients[name],
+                    poll_seconds=0,
+                )
+                for name, arn in (("pca-old", ARN), ("pca-new", new_arn))
+            }
+
+            def run() -> None:
+                config = load_config(path)
+                with Workspace.build(config, clock=clock, providers=providers) as ws:
+                    assert apply(ws).ok
+
+            run()
+            path.write_text(text.replace("    provider: pca-old\n", "    provider: pca-new\n"))
+            for _ in range(6):
+                run()
+            state = json.loads((workdir / "state/state.json").read_text())
+            assert state["rotations"] == {}
+    finally:
+        for client in clients.values():
+            client.close()
+    assert len(issued_by_new) == 2  # one per cluster, at the switch
+    for params in issued_by_new:
+        assert params["CertificateAuthorityArn"] == new_arn
+        assert params["TemplateArn"] == default_template_arn(new_arn)
+        assert params["SigningAlgorithm"] == "SHA256WITHECDSA"
+        lifetime = params["Validity"]["Value"] - params["ValidityNotBefore"]["Value"]
+        assert lifetime == pytest.approx((timedelta(hours=720) + BACKDATE).total_seconds(), abs=2)
+    for cluster in ("pci-east", "pci-west"):
+        chain = load_certificates((workdir / "out" / cluster / "cert-chain.pem").read_bytes(), "c")
+        assert chain[-1] == new.root
+        bundle = (workdir / "out" / cluster / "root-cert.pem").read_bytes()
+        assert old.root.public_bytes(Encoding.PEM) not in bundle
