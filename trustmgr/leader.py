@@ -278,7 +278,13 @@ class LeaderElector:
         try:
             written = self.leases.create(spec) if read is None else self.leases.replace(read, spec)
         except (TargetConflictError, NotFoundError):
-            log.info("another replica wrote the leader lease (%s) first", self.what)
+            read = self.leases.get()  # who was first
+            self.holder = LeaseView.of(read).holder if read is not None else ""
+            log.info(
+                "following: %s wrote the leader lease (%s) first",
+                self.holder or "another replica",
+                self.what,
+            )
             return
         if current is not None and current.holder and current.holder != self.identity:
             log.warning(
