@@ -4,16 +4,21 @@ does resourceVersion compare-and-set as the API server does."""
 from __future__ import annotations
 
 import copy
+import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
+from trustmgr import config as config_mod
 from trustmgr.config import LeaderElectionConfig
-from trustmgr.daemon import Health
-from trustmgr.errors import TargetConflictError, TransientTargetError
+from trustmgr.daemon import Daemon, Health
+from trustmgr.engine import Workspace
+from trustmgr.errors import ConfigError, TargetConflictError, TransientTargetError
 from trustmgr.leader import LeaderElector, Move, NotLeaderError, decide, may_write
 from trustmgr.state.kubernetes import LeaseView, holding_spec, micro_time, released_spec
 
@@ -47,14 +52,24 @@ class FakeLeases:
     fail: Exception | None = None
     lose_answer: bool = False
     writes: list[str] = field(default_factory=list)
+    hang: threading.Event | None = None
+    """While set, each request waits until it is cleared, then fails."""
+    hanging: threading.Event = field(default_factory=threading.Event)
 
     @property
     def what(self) -> str:
         return "lease trustmgr/trustmgr-leader"
 
-    def get(self) -> dict[str, Any] | None:
+    def _answer(self) -> None:
+        if self.hang is not None:
+            self.hanging.set()
+            self.hang.wait(10)
+            raise TransientTargetError("no answer within 10s")
         if self.fail is not None:
             raise self.fail
+
+    def get(self) -> dict[str, Any] | None:
+        self._answer()
         return copy.deepcopy(self.lease)
 
     def _store(self, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,15 +84,13 @@ class FakeLeases:
         return copy.deepcopy(self.lease)
 
     def create(self, spec: Mapping[str, Any]) -> dict[str, Any]:
-        if self.fail is not None:
-            raise self.fail
+        self._answer()
         if self.lease is not None:
             raise TargetConflictError("leases trustmgr/trustmgr-leader already exists")
         return self._store(spec)
 
     def replace(self, read: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
-        if self.fail is not None:
-            raise self.fail
+        self._answer()
         if self.lease is None:
             from trustmgr.targets.kubeapi import NotFoundError
 
@@ -96,24 +109,25 @@ class FakeLeases:
 @dataclass
 class Replica:
     elector: LeaderElector
-    clocks: Clocks
-    started: list[int] = field(default_factory=list)
-    stopped: list[str] = field(default_factory=list)
+    started: list[int]
+    """The terms it started."""
+    stopped: list[str]
+    """Why each term ended."""
 
 
-def replica(leases: FakeLeases, identity: str, clocks: Clocks | None = None) -> Replica:
-    clocks = clocks or Clocks()
+def replica(leases: FakeLeases, identity: str, clocks: Clocks) -> Replica:
     settings = SETTINGS.model_copy(update={"identity": identity})
-    made = Replica(None, clocks)  # type: ignore[arg-type]
-    made.elector = LeaderElector(
+    started: list[int] = []
+    stopped: list[str] = []
+    elector = LeaderElector(
         settings,
         leases=leases,
         clock=lambda: clocks.wall,
         monotonic=lambda: clocks.mono,
-        on_start=made.started.append,
-        on_stop=made.stopped.append,
+        on_start=started.append,
+        on_stop=stopped.append,
     )
-    return made
+    return Replica(elector, started, stopped)
 
 
 def view(holder: str, renewed: datetime, seconds: int = 15) -> LeaseView:
@@ -307,3 +321,72 @@ def test_a_follower_is_healthy_without_passes_and_a_leader_needs_a_renewed_lease
     assert follower.alive() == (True, "ok")
     ok, why = leader.alive()
     assert not ok and "last renewed 3600 s ago" in why
+
+
+def test_a_stuck_election_loop_makes_the_replica_unhealthy() -> None:
+    leases, clocks = FakeLeases(), Clocks()
+    a = replica(leases, "a", clocks)
+    a.elector.step()
+    answer = leases.hang = threading.Event()
+    a.elector.start()
+    try:
+        assert leases.hanging.wait(5)
+        assert a.elector.healthy() == (True, "ok")
+        clocks.advance(36)  # two lease durations and a request timeout
+        ok, why = a.elector.healthy()
+        assert not ok and why == "the leader election loop has not run for 36 s"
+    finally:
+        answer.set()
+        a.elector.stop(release=False)
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"leaseDuration": "2500ms"}, "leaseDuration must be whole seconds"),
+        ({"renewDeadline": "15s"}, "renewDeadline must be shorter than leaseDuration"),
+        ({"retryPeriod": "10s"}, "retryPeriod must be shorter than renewDeadline"),
+        ({"requestTimeout": "10s"}, "requestTimeout must be shorter than renewDeadline"),
+        ({"inCluster": True, "context": "x"}, "drop kubeconfig and context"),
+    ],
+)
+def test_election_settings_that_could_not_keep_one_writer_are_refused(
+    settings: dict[str, Any], problem: str
+) -> None:
+    text = "daemon:\n  leaderElection: " + json.dumps(settings) + "\n"
+    with pytest.raises(ConfigError) as caught:
+        config_mod.parse(text + MINIMAL, "trustmgr.yaml")
+    assert any(problem in line and "daemon.leaderElection" in line for line in caught.value.lines())
+
+
+def test_without_election_settings_the_daemon_runs_alone() -> None:
+    config = config_mod.parse(MINIMAL, "trustmgr.yaml")
+    assert config.daemon.leader_election is None
+    elected = config_mod.parse("daemon: {leaderElection: {}}\n" + MINIMAL, "trustmgr.yaml")
+    assert elected.daemon.leader_election == LeaderElectionConfig()
+    assert elected.daemon.leader_election.timeout == timedelta(seconds=5)
+    daemon = Daemon(
+        config, clock=lambda: START, workspace=lambda: Workspace.build(config, clock=lambda: START)
+    )
+    assert daemon.elector is None
+    assert "trustmgr_leader 1.0" in generate_latest(daemon.metrics.registry).decode()
+    once = Daemon(
+        elected,
+        clock=lambda: START,
+        workspace=lambda: Workspace.build(elected, clock=lambda: START),
+        election=False,
+    )
+    assert once.elector is None
+
+
+MINIMAL = """\
+providers:
+  corp:
+    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}
+meshes:
+  web:
+    trustDomain: web.example
+    provider: corp
+    clusters:
+      web-1: {directory: {path: out/web-1}}
+"""

@@ -309,9 +309,9 @@ class Daemon:
         try:
             self.stop.wait()
         finally:
+            self._job = None
             self._stop_pass()
             scheduler.shutdown(wait=True)  # the pass in flight finishes and saves
-            self._job = None
             if self.elector is not None:
                 self.elector.stop(release=True)
             if server is not None:
