@@ -18,9 +18,10 @@ it unmodified:
 * Failures are ``Status`` objects worded like kube-apiserver's (NotFound, AlreadyExists, Conflict,
   Forbidden, Invalid, BadRequest, Unauthorized), so the client raises ``ApiException`` with the
   real ``.status`` and ``.body``.
-* Bearer-token authentication, an RBAC-like allow/deny rule set (:meth:`KubeEmulator.deny`,
-  :meth:`KubeEmulator.allow`), per-verb request counters (:attr:`KubeEmulator.requests`), a
-  write log of every committed write in order (:attr:`KubeEmulator.write_log`) and
+* Bearer-token authentication (one token, or one per client: ``tokens``), an RBAC-like
+  allow/deny rule set (:meth:`KubeEmulator.deny`, :meth:`KubeEmulator.allow`), per-verb
+  request counters (:attr:`KubeEmulator.requests`), a write log of every committed write in
+  order, each with the client that made it and when (:attr:`KubeEmulator.write_log`) and
   fault injection (:class:`Fault`): error statuses, delays, dropped or late answers and hooks that
   run between requests.
 
@@ -44,6 +45,7 @@ import json
 import random
 import re
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
@@ -336,6 +338,9 @@ class RequestRecord:
     namespace: str
     name: str
     status: int = 0
+    client: str = ""
+    """The user the request authenticated as (see ``tokens``)."""
+    user_agent: str = ""
 
 
 _WRITE_SEQUENCE: Final = itertools.count(1)
@@ -350,6 +355,8 @@ class WriteRecord:
     informer) sees next; None for a delete.  ``sequence`` orders writes across every emulator
     in the process, so the logs of several clusters merge into the order they happened in.
     A write whose answer was lost or delayed (:class:`Fault`) is logged all the same.
+    ``client`` is the user the request authenticated as (one per token, see ``tokens``),
+    ``at`` the wall-clock time the write was committed.
     """
 
     sequence: int
@@ -359,6 +366,9 @@ class WriteRecord:
     name: str
     object: Obj | None
     resource_version: str
+    client: str = ""
+    user_agent: str = ""
+    at: float = 0.0
 
 
 # --- selectors and patches ------------------------------------------------------------------
@@ -886,7 +896,9 @@ class KubeEmulator:
     Every request is recorded in :attr:`requests` (also those answered by a fault or dropped).
     ``latency`` seconds are added to each request.  When ``token`` is set, requests must carry
     ``Authorization: Bearer <token>`` (else 401); every request acts as ``user``, which RBAC
-    messages name.  The state helpers (:meth:`get_object`, :meth:`put_object`, ...) bypass
+    messages name.  ``tokens`` maps further tokens to the users they act as (one per client:
+    the request records and the write log name the client); with it, a request carrying none
+    of the tokens is refused (401) too.  The state helpers (:meth:`get_object`, :meth:`put_object`, ...) bypass
     HTTP, authorization, faults and counters, and are safe to call from any thread.
     """
 
@@ -897,10 +909,12 @@ class KubeEmulator:
         latency: float = 0.0,
         token: str | None = None,
         user: str = DEFAULT_USER,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.latency = latency
         self.token = token
         self.user = user
+        self.tokens = dict(tokens or {})
         self.requests: list[RequestRecord] = []
         self.write_log: list[WriteRecord] = []
         self.errors: list[BaseException] = []  # emulator bugs, answered as 500
@@ -944,9 +958,11 @@ class KubeEmulator:
             raise RuntimeError("the emulator is not started")
         return f"http://127.0.0.1:{self._port}"
 
-    def kubeconfig(self, context: str) -> Obj:
-        """A kubeconfig dict whose cluster, user and current context are all named ``context``."""
-        user: Obj = {"token": self.token} if self.token else {}
+    def kubeconfig(self, context: str, *, token: str | None = None) -> Obj:
+        """A kubeconfig dict whose cluster, user and current context are all named ``context``;
+        its user presents ``token``, else the emulator's ``token`` if it has one."""
+        token = token or self.token
+        user: Obj = {"token": token} if token else {}
         return {
             "apiVersion": "v1",
             "kind": "Config",
@@ -1171,6 +1187,8 @@ class KubeEmulator:
             route.rt.plural if route else None,
             route.namespace if route else "",
             route.name if route else "",
+            client=self._client(request),
+            user_agent=request.headers.get("user-agent", ""),
         )
         with self._lock:
             self.requests.append(record)
@@ -1191,7 +1209,7 @@ class KubeEmulator:
                 revision = self._revision
                 code, body = self._respond(request, url.path, query, route, verb)
                 if self._revision != revision and route is not None and verb is not None:
-                    self._log_write(verb, route, body)
+                    self._log_write(verb, route, body, record)
         except ApiError as exc:
             code, body, headers = exc.code, exc.status(), exc.headers
         except Exception as exc:  # an emulator or hook bug: answer like an apiserver panic would
@@ -1213,7 +1231,8 @@ class KubeEmulator:
         verb: str | None,
     ) -> tuple[int, Obj | str]:
         authorization = request.headers.get("authorization")
-        if self.token is not None and authorization != f"Bearer {self.token}":
+        accepted = {f"Bearer {t}" for t in (self.token, *self.tokens) if t is not None}
+        if accepted and authorization not in accepted:
             raise ApiError(401, "Unauthorized", "Unauthorized")
         if route is None:
             return self._non_resource(request.method, path)
@@ -1240,7 +1259,15 @@ class KubeEmulator:
             return 200, self._delete_collection(route, query, dry_run)
         raise ApiError(405, f"kube emulator: {verb} is not emulated", "MethodNotAllowed")
 
-    def _log_write(self, verb: str, route: _Route, body: Obj | str) -> None:
+    def _client(self, request: _HttpRequest) -> str:
+        """The user a request acts as: the one its bearer token names, else ``user``."""
+        authorization = request.headers.get("authorization", "")
+        token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else ""
+        return self.tokens.get(token, self.user)
+
+    def _log_write(
+        self, verb: str, route: _Route, body: Obj | str, request: RequestRecord | None = None
+    ) -> None:
         """Append what a committed write stored; callers hold self._lock."""
         if not isinstance(body, dict):
             return
@@ -1254,6 +1281,7 @@ class KubeEmulator:
         else:
             return
         revision = str(self._revision)
+        at = time.time()
         for name, obj in written:
             self.write_log.append(
                 WriteRecord(
@@ -1264,6 +1292,9 @@ class KubeEmulator:
                     name,
                     obj,
                     revision,
+                    client=request.client if request else "",
+                    user_agent=request.user_agent if request else "",
+                    at=at,
                 )
             )
 

@@ -554,6 +554,7 @@ def daemon(obj: Context, once: bool, log_format: str, workers: int) -> None:
         clock=now_utc,
         workspace=lambda: Workspace.build(config, clock=now_utc),
         workers=workers,
+        election=not once,
     )
     if once:
         report = runner.run_pass()

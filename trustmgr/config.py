@@ -252,12 +252,65 @@ class RotationConfig(Model):
     """Start a rotation of a self-signed root this long before it expires (0: never by itself)."""
 
 
+class LeaderElectionConfig(Model):
+    """One leader among the daemon's replicas: a coordination.k8s.io/v1 Lease
+    ``<namespace>/<name>``, reached as a Kubernetes target's API is.
+
+    The leader renews the Lease every ``retryPeriod`` and writes nothing once
+    ``renewDeadline`` has passed since its last renewal; the others take the
+    Lease over once ``leaseDuration`` has passed since then."""
+
+    namespace: str = Field(default="trustmgr", pattern=_DNS_LABEL)
+    name: str = Field(default="trustmgr-leader", pattern=_DNS_SUBDOMAIN, max_length=253)
+    lease_duration: Duration = timedelta(seconds=15)
+    renew_deadline: Duration = timedelta(seconds=10)
+    retry_period: Duration = timedelta(seconds=2)
+    kubeconfig: LocalPath | None = None
+    context: str | None = None
+    in_cluster: bool = False
+    request_timeout: Duration | None = None
+    """Per Lease request; half of renewDeadline by default."""
+    identity: str | None = Field(default=None, min_length=1, max_length=253)
+    """This replica's name in the Lease; the host name and process id by default."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LeaderElectionConfig:
+        if self.in_cluster and (self.kubeconfig or self.context):
+            raise ValueError(
+                "inCluster uses the pod's service account; drop kubeconfig and context"
+            )
+        if self.lease_duration.total_seconds() != int(self.lease_duration.total_seconds()):
+            raise ValueError(
+                "leaseDuration must be whole seconds: the Lease holds leaseDurationSeconds"
+            )
+        if self.renew_deadline >= self.lease_duration:
+            raise ValueError(
+                "renewDeadline must be shorter than leaseDuration, so that a leader stops "
+                "writing before its lease could have expired"
+            )
+        if self.retry_period >= self.renew_deadline:
+            raise ValueError(
+                "retryPeriod must be shorter than renewDeadline, so that a leader tries to "
+                "renew more than once before it must stop"
+            )
+        if self.request_timeout is not None and self.request_timeout >= self.renew_deadline:
+            raise ValueError("requestTimeout must be shorter than renewDeadline")
+        return self
+
+    @property
+    def timeout(self) -> timedelta:
+        """How long one Lease request may take."""
+        return self.request_timeout or self.renew_deadline / 2
+
+
 class DaemonConfig(Model):
     """How ``trustmgr daemon`` runs its passes and serves its endpoints."""
 
     interval: Duration = timedelta(minutes=5)
     jitter: NonNegativeDuration = timedelta(seconds=30)
     listen: str = Field(default="0.0.0.0:9403", pattern=r"^[^\s:]*(\[[0-9a-fA-F:]+\])?:\d{1,5}$")
+    leader_election: LeaderElectionConfig | None = None
+    """Off when absent: a single daemon."""
 
     @model_validator(mode="after")
     def _jitter_inside_interval(self) -> DaemonConfig:

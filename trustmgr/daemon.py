@@ -13,6 +13,13 @@ Endpoints, on ``daemon.listen``:
   the first is still to come) and the clock is sane; never depends on a
   provider, a target or the state store, so a Vault outage never restarts it;
 - ``/readyz``: the last pass reached the state store and every provider.
+
+With ``daemon.leaderElection`` (:mod:`trustmgr.leader`), only the replica
+holding the Lease runs passes, each write of a pass fenced by the term it
+started in; a lost Lease stops the pass at once. Followers serve the same
+endpoints: ``/healthz`` then asks that the election loop runs (and, of the
+leader, that it renewed the Lease in time), ``/readyz`` that the Lease could be
+read. SIGTERM gives the Lease back once the pass in flight has saved.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from trustmgr.bundles import fingerprint
 from trustmgr.config import Config
 from trustmgr.errors import TargetError, TrustmgrError
 from trustmgr.execute import Report
+from trustmgr.leader import LeaderElector, NotLeaderError
 from trustmgr.providers import ProviderError, ProviderTransientError
 from trustmgr.workspace import Workspace
 
@@ -89,6 +97,11 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.leader = Gauge(
+            "trustmgr_leader",
+            "1 while this replica leads and runs passes (always, without leader election).",
+            registry=r,
+        )
 
     def observe_report(self, report: Report) -> None:
         for o in report.outcomes:
@@ -108,18 +121,36 @@ class Health:
     last_pass: datetime | None = None
     ready: bool = False
     why_not_ready: str = "no pass has run yet"
+    leader: LeaderElector | None = None
     _wall_at_start: float = field(default_factory=time.time)
     _mono_at_start: float = field(default_factory=time.monotonic)
 
     def alive(self) -> tuple[bool, str]:
         now = self.clock()
+        leading = True
         since = now - (self.last_pass or self.started)
-        if since > 2 * self.interval + timedelta(minutes=1):
+        if self.leader is not None:
+            ok, why = self.leader.healthy()
+            if not ok:
+                return False, why
+            leading = self.leader.leading
+            if self.leader.since is not None:
+                since = min(since, now - self.leader.since)
+        if leading and since > 2 * self.interval + timedelta(minutes=1):
             return False, f"no pass started for {int(since.total_seconds())} s"
         drift = abs((time.time() - self._wall_at_start) - (time.monotonic() - self._mono_at_start))
         if drift > 300:
             return False, f"the wall clock jumped by {int(drift)} s"
         return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        """A follower is ready while it can read the Lease; a leader (or a single
+        daemon) once its last pass reached the state store and every provider."""
+        if self.leader is not None and not self.leader.leading:
+            if self.leader.problem is not None:
+                return False, f"the leader lease cannot be read: {self.leader.problem}"
+            return True, f"following {self.leader.holder or 'nobody yet'}"
+        return self.ready, self.why_not_ready
 
 
 class Daemon:
@@ -132,7 +163,10 @@ class Daemon:
         clock: Clock,
         workspace: Callable[[], Workspace],
         workers: int = 16,
+        election: bool = True,
     ) -> None:
+        """``election=False`` ignores ``daemon.leaderElection``: one pass under
+        the state lock, as ``trustmgr reconcile`` runs it (``--once``)."""
         self.config = config
         self.clock = clock
         self.workspace = workspace
@@ -141,22 +175,60 @@ class Daemon:
         self.health = Health(config.daemon.interval, clock)
         self.stop = threading.Event()
         self._pass_lock = threading.Lock()
+        self._pass_stop: threading.Event | None = None
+        self._stops = threading.Lock()
+        self._job: Any = None
+        self.elector: LeaderElector | None = None
+        settings = config.daemon.leader_election
+        if settings is not None and election:
+            self.elector = LeaderElector(settings, on_start=self._leading, on_stop=self._following)
+            self.health.leader = self.elector
+        self.metrics.leader.set(0 if self.elector else 1)
+
+    # leadership
+
+    def _leading(self, term: int) -> None:
+        self.metrics.leader.set(1)
+        if self._job is not None:  # a new leader's first pass runs at once
+            self._job.modify(next_run_time=datetime.now(UTC))
+
+    def _following(self, why: str) -> None:
+        self.metrics.leader.set(0)
+        self._stop_pass()
+
+    def _stop_pass(self) -> None:
+        """Stop the pass in flight from starting new clusters."""
+        with self._stops:
+            if self._pass_stop is not None:
+                self._pass_stop.set()
 
     # one pass
 
     def run_pass(self) -> Report | None:
         """One observe → decide → execute pass; never raises. None when it could
         not run (state store or a provider unreachable, bad configuration)."""
+        fence = None
+        if self.elector is not None:
+            term = self.elector.term
+            if not self.elector.leading:
+                log.debug("not leading: no pass")
+                return None
+            fence = self.elector.fence(term)
         if not self._pass_lock.acquire(blocking=False):
             log.info("a pass is still running; skipping this one")
             return None
         started = time.monotonic()
         self.health.last_pass = self.clock()
+        stop = threading.Event()
+        with self._stops:
+            self._pass_stop = stop
+        if self.stop.is_set() or (self.elector is not None and not self.elector.leading):
+            stop.set()
         try:
             with self.workspace() as ws:
                 from trustmgr.engine import apply
 
-                report = apply(ws, workers=self.workers, stop=self.stop)
+                report = apply(ws, workers=self.workers, stop=stop, fence=fence)
                 self._export(ws, report)
             self.metrics.observe_report(report)
             self.health.ready, self.health.why_not_ready = True, "ok"
@@ -167,6 +239,10 @@ class Daemon:
             if changed or failed:
                 log.info("pass: %d changed, %d failed", changed, failed)
             return report
+        except NotLeaderError as exc:
+            self.metrics.failures.labels(reason="NotLeader").inc()
+            log.warning("pass stopped: %s", exc)
+            return None
         except (TrustmgrError, ProviderError) as exc:
             reason = (
                 "Unreachable"
@@ -183,6 +259,8 @@ class Daemon:
             log.error("pass failed: unexpected %s", type(exc).__name__, exc_info=True)
             return None
         finally:
+            with self._stops:
+                self._pass_stop = None
             self.metrics.duration.observe(time.monotonic() - started)
             self._pass_lock.release()
 
@@ -210,12 +288,14 @@ class Daemon:
     # the schedule
 
     def run(self, *, serve: bool = True) -> None:
-        """Serve and run passes until ``stop`` is set."""
+        """Serve and run passes until ``stop`` is set; with leader election, only
+        while leading. On stop, the pass in flight finishes and saves, then the
+        Lease is given back."""
         from apscheduler.schedulers.background import BackgroundScheduler
 
         server = self.serve() if serve else None
         scheduler = BackgroundScheduler(timezone=UTC)
-        scheduler.add_job(
+        self._job = scheduler.add_job(
             self.run_pass,
             trigger=make_trigger(self.config.daemon.interval, self.config.daemon.jitter),
             max_instances=1,
@@ -224,10 +304,16 @@ class Daemon:
             misfire_grace_time=None,
         )
         scheduler.start()
+        if self.elector is not None:
+            self.elector.start()
         try:
             self.stop.wait()
         finally:
-            scheduler.shutdown(wait=True)  # the pass in flight sees ``stop`` and finishes
+            self._job = None
+            self._stop_pass()
+            scheduler.shutdown(wait=True)  # the pass in flight finishes and saves
+            if self.elector is not None:
+                self.elector.stop(release=True)
             if server is not None:
                 server.shutdown()
                 server.server_close()
@@ -269,8 +355,8 @@ def _handler(daemon: Daemon) -> type[BaseHTTPRequestHandler]:
                 ok, why = daemon.health.alive()
                 self._answer(200 if ok else 503, f"{why}\n".encode())
             elif self.path == "/readyz":
-                ready = daemon.health.ready
-                self._answer(200 if ready else 503, f"{daemon.health.why_not_ready}\n".encode())
+                ready, why = daemon.health.readiness()
+                self._answer(200 if ready else 503, f"{why}\n".encode())
             else:
                 self._answer(404, b"not found\n")
 

@@ -28,6 +28,7 @@ from trustmgr.bundles import fingerprint
 from trustmgr.errors import BadInputError, TargetError
 from trustmgr.execute import (
     ClusterOutcome,
+    Fence,
     Progress,
     Report,
     execute,
@@ -91,10 +92,12 @@ def apply(
     adopt: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    fence: Fence | None = None,
 ) -> Report:
     """Bring every target to the desired state. Writes nothing when converged.
     ``adopt`` lets it replace cacerts that trustmgr did not create; ``stop``,
-    once set, stops starting new clusters."""
+    once set, stops starting new clusters; ``fence`` is called before each write
+    and raises when none may be made (see :func:`~trustmgr.execute.execute`)."""
     observation = observe_all(ws, workers=workers)
     plan = decide(ws.config, observation, adopt=adopt)
     if not plan.pending:
@@ -102,13 +105,17 @@ def apply(
             plan, tuple(outcome(c, ok=True) for c in plan.clusters), observation=observation
         )
     preflight(ws, plan)
+    if fence is not None:
+        fence()  # taking the state lock is a write
     with ws.store.lock():
         if ws.store.load().version != observation.state.version:
             # another run saved since: what it wrote counts
             observation = observe_all(ws, workers=workers)
             plan = decide(ws.config, observation, adopt=adopt)
             preflight(ws, plan)
-        report = execute(ws, plan, observation, workers=workers, stop=stop, progress=progress)
+        report = execute(
+            ws, plan, observation, workers=workers, stop=stop, progress=progress, fence=fence
+        )
         return replace(report, observation=observation)
 
 

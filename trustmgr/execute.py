@@ -8,6 +8,9 @@ state in one save.
 
 ``stop`` (set on SIGTERM or Ctrl-C) stops starting new clusters: the ones in
 flight finish, what completed is recorded, the rest is reported as not started.
+``fence``, when given, is called before each write to a target and each save to
+the state store, and raises when this process may not write now (the daemon's
+leader election); a cluster it refuses fails, a save it refuses ends the run.
 A process killed outright saves nothing, yet loses nothing either: the next run
 reads back each target's own record of what trustmgr wrote and records it
 instead of issuing again.
@@ -81,6 +84,13 @@ class Report:
 Progress = Callable[[int, int, ClusterOutcome], None]
 """Called as each cluster is done, with (done, total, outcome), from the calling thread."""
 
+Fence = Callable[[], None]
+"""Called before each write; raises a TrustmgrError when none may be made now."""
+
+
+def _unfenced() -> None:
+    """No fence: every write may be made."""
+
 
 def outcome(
     c: ClusterPlan,
@@ -131,31 +141,35 @@ def execute(
     workers: int = 16,
     stop: threading.Event | None = None,
     progress: Progress | None = None,
+    fence: Fence | None = None,
 ) -> Report:
     """Carry out ``plan``, made from ``observation``, holding the state lock."""
     stop = stop or threading.Event()
+    fence = fence or _unfenced
     created = []
     for p in plan.providers:
         if p.create_root:
             provider = ws.providers[p.provider]
             assert isinstance(provider, RootKeeper)
+            fence()
             root = provider.keep_prepared_root()
             assert fingerprint(root) == p.fingerprint, "a kept root is the planned one"
             log.info("created the root of provider %s", p.provider)
             created.append(p.provider)
-    _record_rotations(ws, plan)
-    results = _apply_all(ws, plan, observation, workers, stop, progress)
+    _record_rotations(ws, plan, fence)
+    results = _apply_all(ws, plan, observation, workers, stop, progress, fence)
     state = ws.store.load()
     new_state = _with_imports(state, observation)
     for o, record in results:
         if record is not None:
             new_state = new_state.with_cluster(o.cluster, record)
     if new_state != state:
+        fence()
         ws.store.save(new_state)
     return Report(plan, tuple(o for o, _ in results), tuple(created), stop.is_set())
 
 
-def _record_rotations(ws: Workspace, plan: Plan) -> None:
+def _record_rotations(ws: Workspace, plan: Plan, fence: Fence) -> None:
     """Save each rotation's phase before that phase's writes: a run stopped at
     any point resumes the phase it had started."""
     changes = plan.rotation_changes
@@ -166,6 +180,7 @@ def _record_rotations(ws: Workspace, plan: Plan) -> None:
     for step in changes:
         if step.started:
             if not step.record.mesh:  # a renewal: its new root is kept now
+                fence()
                 ws.upcoming(step.key, step.record.generation).keep_prepared_root()
                 ws.bring_in(step.key)
             rotations[step.key] = step.record
@@ -182,6 +197,7 @@ def _record_rotations(ws: Workspace, plan: Plan) -> None:
             rotations[step.key] = step.record
             if step.advanced_from is not None:
                 log.info("%s: %s -> %s", step.record.what, step.advanced_from, step.record.phase)
+    fence()
     ws.store.save(replace(state, rotations=rotations, generations=generations))
 
 
@@ -192,6 +208,7 @@ def _apply_all(
     workers: int,
     stop: threading.Event,
     progress: Progress | None,
+    fence: Fence = _unfenced,
 ) -> list[tuple[ClusterOutcome, ClusterRecord | None]]:
     """Every cluster's outcome, in plan order; pending ones worked on in parallel."""
     results: dict[str, tuple[ClusterOutcome, ClusterRecord | None]] = {
@@ -202,7 +219,7 @@ def _apply_all(
     def work(c: ClusterPlan) -> tuple[ClusterOutcome, ClusterRecord | None]:
         if stop.is_set():
             return outcome(c, ok=False, error=NOT_STARTED, started=False), None
-        return _apply_cluster_guarded(ws, c, observation.clusters[c.cluster])
+        return _apply_cluster_guarded(ws, c, observation.clusters[c.cluster], fence)
 
     if pending:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pending)))) as pool:
@@ -221,12 +238,12 @@ def _fields(c: ClusterPlan) -> dict[str, str]:
 
 
 def _apply_cluster_guarded(
-    ws: Workspace, c: ClusterPlan, reading: Reading
+    ws: Workspace, c: ClusterPlan, reading: Reading, fence: Fence = _unfenced
 ) -> tuple[ClusterOutcome, ClusterRecord | None]:
     """A bug met in one cluster fails that cluster only, so the records of the
     clusters already written are still saved."""
     try:
-        return _apply_cluster(ws, c, reading)
+        return _apply_cluster(ws, c, reading, fence)
     except Exception as exc:
         log.debug("cluster %s: unexpected error", c.cluster, exc_info=True, extra=_fields(c))
         error = f"unexpected {type(exc).__name__}; run with -vv for the traceback"
@@ -234,7 +251,7 @@ def _apply_cluster_guarded(
 
 
 def _apply_cluster(
-    ws: Workspace, c: ClusterPlan, reading: Reading
+    ws: Workspace, c: ClusterPlan, reading: Reading, fence: Fence = _unfenced
 ) -> tuple[ClusterOutcome, ClusterRecord | None]:
     """Write one cluster. On a conflict the cluster is read and planned again,
     never overwritten blindly; a CA issued for it is kept across such retries."""
@@ -250,6 +267,10 @@ def _apply_cluster(
         if c.action is Action.RECORD:
             assert reading.material is not None
             if isinstance(target, Tidyable):
+                try:
+                    fence()
+                except TrustmgrError as exc:
+                    return outcome(c, ok=False, error=str(exc)), None
                 target.tidy()  # an interrupted write may have left a set behind
             return outcome(c, ok=True), _record(ws, reading.material, d)
         try:
@@ -263,6 +284,7 @@ def _apply_cluster(
                 raise TrustmgrError(
                     f"refusing to write material istiod would reject: {problems[0]}"
                 )
+            fence()
             target.write(material, adopt=d.adopt)
         except TargetConflictError as exc:
             log.info("cluster %s: %s; reading it again", c.cluster, exc, extra=_fields(c))
@@ -283,7 +305,7 @@ def _apply_cluster(
             error=f"the cacerts kept changing while trustmgr wrote it ({CONFLICT_ATTEMPTS} "
             "conflicts); nothing was overwritten; run again",
         ), None
-    return _restart_if_needed(ws, c, target), _record(ws, material, d)
+    return _restart_if_needed(ws, c, target, fence), _record(ws, material, d)
 
 
 def _record(ws: Workspace, material: CACerts, d: DesiredCluster) -> ClusterRecord:
@@ -316,13 +338,16 @@ def record_of(
     )
 
 
-def _restart_if_needed(ws: Workspace, c: ClusterPlan, target: Target) -> ClusterOutcome:
+def _restart_if_needed(
+    ws: Workspace, c: ClusterPlan, target: Target, fence: Fence = _unfenced
+) -> ClusterOutcome:
     """After a write istiod cannot hot-reload: restart it if allowed, else say so."""
     if c.reload is not Reload.RESTART:
         return outcome(c, ok=True)
     try:
+        fence()
         return outcome(c, ok=True, istiod=restart_istiod(ws, c.cluster, target))
-    except TargetError as exc:
+    except TrustmgrError as exc:
         return outcome(
             c,
             ok=False,

@@ -28,7 +28,7 @@ import logging
 import re
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -96,7 +96,7 @@ def _parse_time(value: object) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def lease_expiry(spec: dict[str, Any]) -> datetime | None:
+def lease_expiry(spec: Mapping[str, Any]) -> datetime | None:
     """When a Lease's hold ends: its last renewal (or acquisition) plus its
     duration; None when it does not say, which counts as expired."""
     renewed = _parse_time(spec.get("renewTime")) or _parse_time(spec.get("acquireTime"))
@@ -104,6 +104,112 @@ def lease_expiry(spec: dict[str, Any]) -> datetime | None:
     if renewed is None or not isinstance(duration, int) or isinstance(duration, bool):
         return None
     return renewed + timedelta(seconds=duration)
+
+
+# --- Leases, shared by the run lock and the daemon's leader election ------------------------
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """What a Lease says: who holds it, until when, how often it changed hands,
+    and the resourceVersion a compare-and-set of it must carry."""
+
+    holder: str
+    expires: datetime | None
+    transitions: int
+    version: str | None
+    spec: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, lease: Mapping[str, Any]) -> LeaseView:
+        spec = dict(lease.get("spec") or {})
+        transitions = spec.get("leaseTransitions")
+        version = (lease.get("metadata") or {}).get("resourceVersion")
+        return cls(
+            holder=str(spec.get("holderIdentity") or ""),
+            expires=lease_expiry(spec),
+            transitions=transitions
+            if isinstance(transitions, int) and not isinstance(transitions, bool)
+            else 0,
+            version=str(version) if version is not None else None,
+            spec=spec,
+        )
+
+    def free(self, now: datetime) -> bool:
+        """Nobody holds it: no holder, or the holder's last renewal plus the
+        duration has passed on this machine's clock."""
+        return not self.holder or self.expires is None or self.expires <= now
+
+
+def holding_spec(
+    current: LeaseView | None, identity: str, seconds: int, now: datetime, *, take: bool
+) -> dict[str, Any]:
+    """The spec naming ``identity`` holder from ``now`` for ``seconds``: a take
+    sets acquireTime and counts a transition when the holder changes; a renewal
+    moves renewTime only."""
+    spec = dict(current.spec) if current is not None else {}
+    spec.update(holderIdentity=identity, leaseDurationSeconds=seconds, renewTime=micro_time(now))
+    if take or "acquireTime" not in spec:
+        spec["acquireTime"] = micro_time(now)
+    if current is None:
+        spec["leaseTransitions"] = 0
+    elif take:
+        spec["leaseTransitions"] = current.transitions + (current.holder != identity)
+    return spec
+
+
+def released_spec(current: LeaseView, now: datetime) -> dict[str, Any]:
+    """The spec of a Lease given back: no holder, so that anyone takes it at once."""
+    return {**current.spec, "holderIdentity": "", "renewTime": micro_time(now)}
+
+
+Send = Callable[[Request, str, str, Any], dict[str, Any]]
+"""One API request (request, method, path, body) → the answer; raises
+NotFoundError and TargetConflictError, other failures as the caller words them."""
+
+
+class LeaseClient:
+    """Get, create and compare-and-set replace of the Lease ``<namespace>/<name>``."""
+
+    def __init__(self, namespace: str, name: str, send: Send) -> None:
+        self.namespace, self.name = namespace, name
+        self._send = send
+        self._collection = _LEASES.format(namespace=quote(namespace, safe=""))
+
+    @property
+    def what(self) -> str:
+        return f"lease {self.namespace}/{self.name}"
+
+    def _request(self, verb: str) -> Request:
+        return Request(verb, "leases", self.name, self.namespace)
+
+    def get(self) -> dict[str, Any] | None:
+        path = f"{self._collection}/{quote(self.name, safe='')}"
+        try:
+            return self._send(self._request("get"), "GET", path, None)
+        except NotFoundError:
+            return None
+
+    def create(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """TargetConflictError when it exists already."""
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": dict(MANAGED_BY),
+            },
+            "spec": dict(spec),
+        }
+        return self._send(self._request("create"), "POST", self._collection, body)
+
+    def replace(self, read: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+        """``read`` (as it was read, resourceVersion included) with ``spec``:
+        TargetConflictError when it changed since, NotFoundError when it is gone."""
+        body = {**read, "spec": dict(spec)}
+        path = f"{self._collection}/{quote(self.name, safe='')}"
+        return self._send(self._request("update"), "PUT", path, body)
 
 
 def _api_config(config: KubernetesStateStoreConfig) -> KubernetesTargetConfig:
@@ -365,105 +471,67 @@ class _LeaseRecord:
     """The Lease ``<name>-lock`` as the store's lock record."""
 
     def __init__(self, store: KubernetesStateStore, api: KubeApi, duration: timedelta) -> None:
-        self._store = store
-        self._api = api
         self._seconds = max(1, round(duration.total_seconds()))
-        self.name = f"{store.name}-lock"
-        self.namespace = store.namespace
+        self.lease = LeaseClient(
+            store.namespace,
+            f"{store.name}-lock",
+            lambda request, method, path, body: store.send(api, request, method, path, body),
+        )
 
     @property
     def what(self) -> str:
-        return f"lease {self.namespace}/{self.name}"
-
-    def _get(self) -> dict[str, Any] | None:
-        request = Request("get", "leases", self.name, self.namespace)
-        path = self._store._path(_LEASES, self.name)
-        try:
-            return self._store.send(self._api, request, "GET", path)
-        except NotFoundError:
-            return None
-
-    def _put(self, lease: dict[str, Any]) -> dict[str, Any]:
-        request = Request("update", "leases", self.name, self.namespace)
-        path = self._store._path(_LEASES, self.name)
-        return self._store.send(self._api, request, "PUT", path, lease)
+        return self.lease.what
 
     def _held(self, lease: dict[str, Any], identity: str, now: datetime) -> Holding:
         version = (lease.get("metadata") or {}).get("resourceVersion")
         return Holding(identity, now + timedelta(seconds=self._seconds), version)
 
     def take(self, identity: str, now: datetime) -> Holding:
-        lease = self._get()
-        taking = {
-            "holderIdentity": identity,
-            "leaseDurationSeconds": self._seconds,
-            "acquireTime": micro_time(now),
-            "renewTime": micro_time(now),
-        }
+        lease = self.lease.get()
         just_now = LockedError(
             f"another trustmgr run took the state lock ({self.what}) just now; wait for it "
             "to finish"
         )
         if lease is None:
-            body = {
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {
-                    "name": self.name,
-                    "namespace": self.namespace,
-                    "labels": dict(MANAGED_BY),
-                },
-                "spec": {**taking, "leaseTransitions": 0},
-            }
-            request = Request("create", "leases", self.name, self.namespace)
             try:
-                made = self._store.send(
-                    self._api, request, "POST", self._store._path(_LEASES), body
+                made = self.lease.create(
+                    holding_spec(None, identity, self._seconds, now, take=True)
                 )
             except TargetConflictError:
                 raise just_now from None
             return self._held(made, identity, now)
-        spec = dict(lease.get("spec") or {})
-        holder = str(spec.get("holderIdentity") or "")
-        expires = lease_expiry(spec)
-        if holder and expires is not None and expires > now:
+        current = LeaseView.of(lease)
+        if not current.free(now):
+            assert current.expires is not None
             raise LockedError(
-                f"another trustmgr run ({holder}) holds the state lock ({self.what}) until "
-                f"{expires:%Y-%m-%dT%H:%M:%SZ} unless it renews it; wait for it to finish "
-                "(a run that died lets it expire then)"
+                f"another trustmgr run ({current.holder}) holds the state lock ({self.what}) "
+                f"until {current.expires:%Y-%m-%dT%H:%M:%SZ} unless it renews it; wait for it "
+                "to finish (a run that died lets it expire then)"
             )
-        if holder:
+        if current.holder:
             log.warning(
                 "taking over the state lock (%s) from %s: it expired at %s",
                 self.what,
-                holder,
-                f"{expires:%Y-%m-%dT%H:%M:%SZ}" if expires else "an unknown time",
+                current.holder,
+                f"{current.expires:%Y-%m-%dT%H:%M:%SZ}" if current.expires else "an unknown time",
             )
-        transitions = spec.get("leaseTransitions")
-        count = transitions if isinstance(transitions, int) else 0
-        lease["spec"] = {**spec, **taking, "leaseTransitions": count + 1}
+        spec = holding_spec(current, identity, self._seconds, now, take=True)
         try:
-            made = self._put(lease)
+            made = self.lease.replace(lease, spec)
         except (TargetConflictError, NotFoundError):
             raise just_now from None
         return self._held(made, identity, now)
 
     def renew(self, holding: Holding, now: datetime) -> Holding:
-        lease = self._get()
-        holder = str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
-        if lease is None or holder != holding.identity:
-            raise LockLostError(
-                f"{self.what} was deleted"
-                if lease is None
-                else f"{holder or 'nobody'} holds it now"
-            )
-        lease["spec"] = {
-            **lease["spec"],
-            "renewTime": micro_time(now),
-            "leaseDurationSeconds": self._seconds,
-        }
+        lease = self.lease.get()
+        if lease is None:
+            raise LockLostError(f"{self.what} was deleted")
+        current = LeaseView.of(lease)
+        if current.holder != holding.identity:
+            raise LockLostError(f"{current.holder or 'nobody'} holds it now")
+        spec = holding_spec(current, holding.identity, self._seconds, now, take=False)
         try:
-            made = self._put(lease)
+            made = self.lease.replace(lease, spec)
         except NotFoundError:
             raise LockLostError(f"{self.what} was deleted") from None
         except TargetConflictError:
@@ -471,10 +539,8 @@ class _LeaseRecord:
         return self._held(made, holding.identity, now)
 
     def release(self, holding: Holding, now: datetime) -> None:
-        lease = self._get()
-        spec = (lease or {}).get("spec") or {}
-        if lease is None or spec.get("holderIdentity") != holding.identity:
+        lease = self.lease.get()
+        if lease is None or LeaseView.of(lease).holder != holding.identity:
             return  # taken over after it expired: no longer ours to clear
-        lease["spec"] = {**spec, "holderIdentity": "", "renewTime": micro_time(now)}
         with suppress(TargetConflictError, NotFoundError):  # taken over in between
-            self._put(lease)
+            self.lease.replace(lease, released_spec(LeaseView.of(lease), now))
