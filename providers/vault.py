@@ -702,7 +702,10 @@ class VaultProvider:
         key_type, key_bits = (
             ("rsa", public.key_size)
             if isinstance(public, rsa.RSAPublicKey)
-            else ("ec", public.curve.key_size if isinstance(public, ec.EllipticCurvePublicKey) else 256)
+            else (
+                "ec",
+                public.curve.key_size if isinstance(public, ec.EllipticCurvePublicKey) else 256,
+            )
         )
         lifetime = root.not_valid_after_utc - root.not_valid_before_utc
         body: dict[str, object] = {
