@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from trustmgr.providers.awscodes import ACCESS_DENIED, BAD_CREDENTIALS
 from trustmgr.providers.base import (
     BACKDATE,
     Clock,
@@ -427,12 +428,12 @@ class AcmPcaProvider:
             else self.certificate_authority_arn
         )
         detail = f" ({code}: {_scrub(message)})" if message else f" ({code})"
-        if code in _ACCESS_DENIED:
+        if code in ACCESS_DENIED:
             return ProviderNeedsFixError(
                 f"{prefix} access denied for {action} on {resource}: "
                 f"allow it in the IAM policy (see {DOCS})"
             )
-        if code in _BAD_CREDENTIALS:
+        if code in BAD_CREDENTIALS:
             return ProviderNeedsFixError(
                 f"{prefix} AWS rejected the credentials used for {action} on {resource} "
                 f"({code}): check the credentials trustmgr runs with (see {DOCS})"
@@ -449,19 +450,6 @@ class AcmPcaProvider:
         return ProviderNeedsFixError(f"{prefix} {action} on {resource} failed{detail}")
 
 
-_ACCESS_DENIED = frozenset({"AccessDeniedException", "AccessDenied"})
-_BAD_CREDENTIALS = frozenset(
-    {
-        "UnrecognizedClientException",
-        "InvalidClientTokenId",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "MissingAuthenticationToken",
-        "ExpiredTokenException",
-        "ExpiredToken",
-    }
-)
 _NEEDS_FIX = {
     "ResourceNotFoundException": "no such certificate authority or certificate; "
     "check certificateAuthorityArn and region",

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
+from trustmgr.providers.awscodes import ACCESS_DENIED, BAD_CREDENTIALS
 from trustmgr.providers.base import ProviderError, ProviderNeedsFixError, ProviderTransientError
 from trustmgr.providers.config import AwsKmsKeyEncryption
 from trustmgr.providers.envelope import DataKey
@@ -168,12 +169,12 @@ class AwsKmsWrapper:
                 return ProviderNeedsFixError(
                     f"{who}: {action} on {key} failed ({code}): {_NEEDS_FIX[code]}"
                 )
-            if code in _ACCESS_DENIED:
+            if code in ACCESS_DENIED:
                 return ProviderNeedsFixError(
                     f"{who}: access denied for {action} on {key}: allow it in the key policy "
                     "or the IAM policy of the credentials trustmgr runs with"
                 )
-            if code in _BAD_CREDENTIALS:
+            if code in BAD_CREDENTIALS:
                 return ProviderNeedsFixError(
                     f"{who}: AWS rejected the credentials used for {action} on {key} ({code}): "
                     "check the credentials trustmgr runs with"
@@ -210,19 +211,6 @@ class AwsKmsWrapper:
         return None
 
 
-_ACCESS_DENIED = frozenset({"AccessDeniedException", "AccessDenied"})
-_BAD_CREDENTIALS = frozenset(
-    {
-        "UnrecognizedClientException",
-        "InvalidClientTokenId",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "MissingAuthenticationToken",
-        "ExpiredTokenException",
-        "ExpiredToken",
-    }
-)
 _NEEDS_FIX = {
     "NotFoundException": "no such KMS key in this account and region; check "
     "keyEncryption.awsKms.keyId and region (a deleted key cannot unwrap the root key again)",

@@ -29,7 +29,7 @@ from trustmgr.providers.base import (
 )
 from trustmgr.providers.config import VaultTransitKeyEncryption
 from trustmgr.providers.envelope import DataKey
-from trustmgr.providers.vault import VaultFailure, VaultSession
+from trustmgr.providers.vault import VaultFailure, VaultSession, connection_error
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +109,15 @@ class VaultTransitWrapper:
         who = f"provider {self.name}: keyEncryption"
         where = failure.path + (f" (namespace {cfg.namespace})" if cfg.namespace else "")
         status, text = failure.status, failure.text
-        if failure.reason == "unreachable":
-            return ProviderTransientError(
-                f"{who}: Vault at {cfg.address} is unreachable ({failure.detail}); the root key "
-                "cannot be unwrapped without it: check the address and that Vault is running"
-            )
-        if failure.reason == "timeout":
-            return ProviderTransientError(
-                f"{who}: Vault at {cfg.address} did not answer on {where} within "
-                f"{cfg.timeout.total_seconds():g}s"
-            )
-        if failure.reason == "tls":
-            return ProviderNeedsFixError(
-                f"{who}: TLS verification of {cfg.address} failed: set caCert to the CA bundle "
-                "that signed Vault's server certificate"
-            )
+        reached = connection_error(
+            who,
+            cfg,
+            failure,
+            where,
+            why_it_matters="the root key cannot be unwrapped without it: ",
+        )
+        if reached is not None:
+            return reached
         if failure.reason == "answer":
             return self._unexpected(where, failure.detail)
         if status == 503:

@@ -573,6 +573,35 @@ VaultFailure = _Failure
 """A Vault call that did not succeed: ``reason``, ``status``, ``errors``, ``path``."""
 
 
+def connection_error(
+    who: str,
+    connection: VaultConnection,
+    failure: VaultFailure,
+    where: str,
+    *,
+    why_it_matters: str = "",
+) -> ProviderError | None:
+    """A failure to reach Vault at all (unreachable, no answer in time, TLS)
+    as one line, or None when Vault answered. ``why_it_matters`` is added to
+    the unreachable case."""
+    if failure.reason == "unreachable":
+        return ProviderTransientError(
+            f"{who}: Vault at {connection.address} is unreachable ({failure.detail}); "
+            f"{why_it_matters}check the address and that Vault is running"
+        )
+    if failure.reason == "timeout":
+        return ProviderTransientError(
+            f"{who}: Vault at {connection.address} did not answer on {where} within "
+            f"{connection.timeout.total_seconds():g}s"
+        )
+    if failure.reason == "tls":
+        return ProviderNeedsFixError(
+            f"{who}: TLS verification of {connection.address} failed: set caCert to the CA "
+            "bundle that signed Vault's server certificate"
+        )
+    return None
+
+
 class VaultSession:
     """Calls to Vault with a token from the configured auth method: the same
     HTTP client, login, renewal and login again on a rejected token as the
@@ -872,21 +901,9 @@ class VaultProvider:
         who = f"provider {self.name}"
         where = failure.path + (f" (namespace {cfg.namespace})" if cfg.namespace else "")
         status = failure.status
-        if failure.reason == "unreachable":
-            return ProviderTransientError(
-                f"{who}: Vault at {cfg.address} is unreachable ({failure.detail}); "
-                "check the address and that Vault is running"
-            )
-        if failure.reason == "timeout":
-            return ProviderTransientError(
-                f"{who}: Vault at {cfg.address} did not answer on {where} within "
-                f"{cfg.timeout.total_seconds():g}s"
-            )
-        if failure.reason == "tls":
-            return ProviderNeedsFixError(
-                f"{who}: TLS verification of {cfg.address} failed: set caCert to the CA bundle "
-                "that signed Vault's server certificate"
-            )
+        reached = connection_error(who, cfg, failure, where)
+        if reached is not None:
+            return reached
         if failure.reason == "answer":
             hint = "" if failure.path.startswith("auth/") else f"; is {cfg.mount} a PKI mount?"
             return ProviderNeedsFixError(
