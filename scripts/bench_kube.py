@@ -142,7 +142,7 @@ def main_bench(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clusters", type=int, default=200)
     parser.add_argument("--latency", type=float, default=0.05, help="seconds per request")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=16, help="the parallel side's workers")
+    parser.add_argument("--workers", type=int, default=32, help="the parallel side's workers")
     parser.add_argument("--no-baseline", action="store_true", help="skip --workers 1")
     parser.add_argument("--quick", action="store_true", help="20 clusters, 1 run")
     args = parser.parse_args(argv)
