@@ -30,7 +30,9 @@ FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="trustmgr" \
       org.opencontainers.image.description="Multi-cluster trust and certificate manager for Istio" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN echo "trustmgr:x:65532:65532::/home/trustmgr:/usr/sbin/nologin" >> /etc/passwd \
+# pip is not needed to run trustmgr: the base's goes too.
+RUN python3 -m pip uninstall --yes --quiet pip setuptools wheel \
+ && echo "trustmgr:x:65532:65532::/home/trustmgr:/usr/sbin/nologin" >> /etc/passwd \
  && echo "trustmgr:x:65532:" >> /etc/group \
  && mkdir -p /home/trustmgr \
  && chown 65532:65532 /home/trustmgr \

@@ -127,7 +127,11 @@ def test_final_stage_copies_only_the_environment(dockerfile: Dockerfile) -> None
     assert final.all("COPY") == ["--from=build /opt/trustmgr /opt/trustmgr"]
     assert not final.all("ADD")
     for run in final.all("RUN"):
-        assert "pip" not in run and "apt-get" not in run, run
+        assert "apt-get" not in run and "pip install" not in run, run
+    # pip goes from the final image: from the environment in the build stage, from the base here.
+    assert any("pip uninstall --yes --quiet pip setuptools wheel" in r for r in final.all("RUN"))
+    (build_install,) = [r for r in dockerfile.stages[0].all("RUN") if "pip install" in r]
+    assert "/opt/trustmgr/bin/pip uninstall --yes pip setuptools" in build_install
 
 
 def test_runs_as_the_chart_user_not_root(dockerfile: Dockerfile) -> None:
