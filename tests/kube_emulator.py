@@ -19,16 +19,19 @@ it unmodified:
   Forbidden, Invalid, BadRequest, Unauthorized), so the client raises ``ApiException`` with the
   real ``.status`` and ``.body``.
 * Bearer-token authentication (one token, or one per client: ``tokens``), an RBAC-like
-  allow/deny rule set (:meth:`KubeEmulator.deny`, :meth:`KubeEmulator.allow`), per-verb
-  request counters (:attr:`KubeEmulator.requests`), a write log of every committed write in
-  order, each with the client that made it and when (:attr:`KubeEmulator.write_log`) and
+  allow/deny rule set (:meth:`KubeEmulator.deny`, :meth:`KubeEmulator.allow`, or real Roles
+  and RoleBindings with :meth:`KubeEmulator.apply_rbac`), optional TLS with a self-signed
+  certificate (``tls=True``, :attr:`KubeEmulator.ca_pem`), per-verb request counters
+  (:attr:`KubeEmulator.requests`), a write log of every committed write in order, each with
+  the client that made it and when (:attr:`KubeEmulator.write_log`) and
   fault injection (:class:`Fault`): error statuses, delays, dropped or late answers and hooks that
   run between requests.
 
 Not emulated: watch, server-side apply, subresources (status, scale), finalizers and graceful
 deletion, namespace termination (deleting a namespace removes it and its objects at once),
 controllers (deployments never roll out, ``status`` stays empty), managedFields, admission
-webhooks, field pruning of unknown fields, protobuf/CBOR/YAML bodies, TLS, API discovery.
+webhooks, field pruning of unknown fields, protobuf/CBOR/YAML bodies, client certificates,
+API discovery.
 
 All running emulators share one asyncio loop in one daemon thread, so hundreds of clusters cost a
 listening socket each; the thread stops when the last emulator stops.
@@ -40,18 +43,22 @@ import asyncio
 import base64
 import binascii
 import copy
+import ipaddress
 import itertools
 import json
 import random
 import re
+import ssl
+import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -258,13 +265,18 @@ class Rule:
     resources: tuple[str, ...] = ("*",)
     namespaces: tuple[str, ...] = ("*",)
     names: tuple[str, ...] = ("*",)
+    groups: tuple[str, ...] = ("*",)
+    """API groups (``""`` is the core group), as a Role's ``apiGroups``."""
 
-    def matches(self, verb: str, resource: str, namespace: str, name: str) -> bool:
+    def matches(
+        self, verb: str, resource: str, namespace: str, name: str, group: str | None = None
+    ) -> bool:
         return (
             _rule_match(self.verbs, verb)
             and _rule_match(self.resources, resource)
             and _rule_match(self.namespaces, namespace)
             and _rule_match(self.names, name)
+            and (group is None or "*" in self.groups or group in self.groups)
         )
 
 
@@ -910,11 +922,19 @@ class KubeEmulator:
         token: str | None = None,
         user: str = DEFAULT_USER,
         tokens: Mapping[str, str] | None = None,
+        tls: bool = False,
     ) -> None:
         self.latency = latency
         self.token = token
         self.user = user
         self.tokens = dict(tokens or {})
+        self.tls = tls
+        self.ca_pem: bytes = b""
+        """With ``tls``: the self-signed certificate the emulator serves (IP SAN 127.0.0.1),
+        which clients trust as their cluster CA."""
+        self._ssl: ssl.SSLContext | None = None
+        if tls:
+            self.ca_pem, self._ssl = _self_signed_server()
         self.requests: list[RequestRecord] = []
         self.write_log: list[WriteRecord] = []
         self.errors: list[BaseException] = []  # emulator bugs, answered as 500
@@ -956,17 +976,26 @@ class KubeEmulator:
     def url(self) -> str:
         if not self._port:
             raise RuntimeError("the emulator is not started")
-        return f"http://127.0.0.1:{self._port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port}"
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise RuntimeError("the emulator is not started")
+        return self._port
 
     def kubeconfig(self, context: str, *, token: str | None = None) -> Obj:
         """A kubeconfig dict whose cluster, user and current context are all named ``context``;
         its user presents ``token``, else the emulator's ``token`` if it has one."""
         token = token or self.token
         user: Obj = {"token": token} if token else {}
+        cluster: Obj = {"server": self.url}
+        if self.tls:
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
         return {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": context, "cluster": {"server": self.url}}],
+            "clusters": [{"name": context, "cluster": cluster}],
             "users": [{"name": context, "user": user}],
             "contexts": [{"name": context, "context": {"cluster": context, "user": context}}],
             "current-context": context,
@@ -1015,6 +1044,52 @@ class KubeEmulator:
         with self._lock:
             self._allow = [*(self._allow or []), rule]
         return rule
+
+    def apply_rbac(self, objects: Iterable[Mapping[str, Any]]) -> list[Rule]:
+        """Authorize exactly what these Roles grant :attr:`user` through these RoleBindings.
+
+        Bindings naming ``user`` (a ``User`` of that name, or the ``ServiceAccount`` behind a
+        ``system:serviceaccount:<namespace>:<name>`` user) make each rule of their Role, in the
+        binding's namespace, an allow rule with its ``apiGroups``, ``resources``, ``verbs`` and
+        ``resourceNames``.  Everything else is then forbidden, as it is for a service account
+        with only these Roles.  ClusterRoles are not emulated: a binding to one is an error.
+        """
+        objects = list(objects)
+        roles = {
+            (o["metadata"]["namespace"], o["metadata"]["name"]): o
+            for o in objects
+            if o.get("kind") == "Role"
+        }
+        granted: list[Rule] = []
+        for binding in (o for o in objects if o.get("kind") == "RoleBinding"):
+            namespace = binding["metadata"]["namespace"]
+            if not any(self._is_user(s, namespace) for s in binding.get("subjects", [])):
+                continue
+            ref = binding["roleRef"]
+            if ref.get("kind") != "Role":
+                raise ValueError(f"{ref.get('kind')} {ref.get('name')} is not emulated")
+            role = roles.get((namespace, ref["name"]))
+            if role is None:
+                continue  # a binding to a missing Role grants nothing, as in RBAC
+            for rule in role.get("rules", []):
+                granted.append(
+                    Rule(
+                        verbs=tuple(rule.get("verbs", ())),
+                        resources=tuple(rule.get("resources", ())),
+                        namespaces=(namespace,),
+                        names=tuple(rule.get("resourceNames") or ("*",)),
+                        groups=tuple(rule.get("apiGroups", ())),
+                    )
+                )
+        with self._lock:
+            self._allow = [*(self._allow or []), *granted]
+        return granted
+
+    def _is_user(self, subject: Mapping[str, Any], binding_namespace: str) -> bool:
+        if subject.get("kind") == "ServiceAccount":
+            namespace = subject.get("namespace") or binding_namespace
+            return self.user == f"system:serviceaccount:{namespace}:{subject.get('name')}"
+        return subject.get("kind") == "User" and subject.get("name") == self.user
 
     def reset_rbac(self) -> None:
         with self._lock:
@@ -1133,7 +1208,7 @@ class KubeEmulator:
     # request handling (loop thread)
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._ssl)
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
@@ -1230,9 +1305,11 @@ class KubeEmulator:
         route: _Route | None,
         verb: str | None,
     ) -> tuple[int, Obj | str]:
-        authorization = request.headers.get("authorization")
-        accepted = {f"Bearer {t}" for t in (self.token, *self.tokens) if t is not None}
-        if accepted and authorization not in accepted:
+        # The scheme is case-insensitive, as kube-apiserver reads it (the official client's
+        # in-cluster configuration sends "bearer").
+        scheme, _, credentials = (request.headers.get("authorization") or "").partition(" ")
+        accepted = {t for t in (self.token, *self.tokens) if t is not None}
+        if accepted and (scheme.lower() != "bearer" or credentials not in accepted):
             raise ApiError(401, "Unauthorized", "Unauthorized")
         if route is None:
             return self._non_resource(request.method, path)
@@ -1261,9 +1338,8 @@ class KubeEmulator:
 
     def _client(self, request: _HttpRequest) -> str:
         """The user a request acts as: the one its bearer token names, else ``user``."""
-        authorization = request.headers.get("authorization", "")
-        token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else ""
-        return self.tokens.get(token, self.user)
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        return self.tokens.get(token if scheme.lower() == "bearer" else "", self.user)
 
     def _log_write(
         self, verb: str, route: _Route, body: Obj | str, request: RequestRecord | None = None
@@ -1313,7 +1389,9 @@ class KubeEmulator:
         namespace = name if rt.plural == "namespaces" else route.namespace
         denied = any(rule.matches(verb, rt.plural, namespace, name) for rule in self._deny)
         if not denied and self._allow is not None:
-            denied = not any(r.matches(verb, rt.plural, namespace, name) for r in self._allow)
+            denied = not any(
+                r.matches(verb, rt.plural, namespace, name, rt.group) for r in self._allow
+            )
         if not denied:
             return
         subject = f'{rt.qualified} "{name}"' if name else rt.qualified
@@ -1551,6 +1629,48 @@ class KubeEmulator:
             "metadata": metadata,
             "items": items,
         }
+
+
+def _self_signed_server() -> tuple[bytes, ssl.SSLContext]:
+    """A P-256 certificate for 127.0.0.1 and localhost, and a server context serving it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-emulator")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_path, key_path = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+        cert_path.write_bytes(cert_pem)
+        key_path.write_bytes(key_pem)
+        context.load_cert_chain(cert_path, key_path)
+    return cert_pem, context
 
 
 def _start_all(emulators: Sequence[KubeEmulator]) -> None:
