@@ -229,7 +229,7 @@ def start_openbao_with_storage(
     (workdir / "data").mkdir(exist_ok=True)
     config = workdir / "openbao.hcl"
     config.write_text(
-        f'storage "raft" {{\n  path = "{workdir / "data"}"\n  node_id = "trustmgr-test"\n}}\n'
+        f'storage "raft" {{\n  path = "{workdir / "data"}"\n  node_id = "trustmgr-test"\n  performance_multiplier = 1\n}}\n'
         f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
         f'  cluster_address = "127.0.0.1:{port + 1}"\n  tls_disable = true\n}}\n'
         f'api_addr = "{address}"\ncluster_addr = "http://127.0.0.1:{port + 1}"\n'
