@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -22,7 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import generate_latest
 
-from tests.conftest import snapshot
+from tests.conftest import REPO, snapshot
 from tests.kube_emulator import TOKEN_REVIEW_PATH, KubeEmulator
 from tests.kube_fixtures import KubeEmulatorFactory, kube_emulator, kube_emulator_factory
 from tests.openbao import (
@@ -67,6 +73,12 @@ meshes:
 intermediates: {{ttl: 720h, renewBefore: 240h}}
 """)
     return path
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _daemon(path: Path, clock: Callable[[], datetime]) -> Daemon:
@@ -231,6 +243,78 @@ def test_a_daemon_pass_logs_in_with_kubernetes_auth_and_rereads_the_token_file(
     token_file.write_text(third)
     assert daemon.run_pass() is not None
     assert daemon.health.ready
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return int(answer.status), answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _wait_for(port: int, path: str, check: Callable[[int, str], bool]) -> tuple[int, str]:
+    deadline = time.monotonic() + 30
+    answer = _get(port, path)
+    while not check(*answer) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        answer = _get(port, path)
+    return answer
+
+
+def test_the_daemon_process_stays_up_unready_while_its_service_account_token_is_refused(
+    vault_pki: VaultPKI, kube_emulator: KubeEmulator, workdir: Path
+) -> None:
+    setup_kubernetes_auth(
+        vault_pki.server,
+        kubernetes_host=kube_emulator.url,
+        ca_pem=_ca_pem(vault_pki),
+        role="trustmgr-process",
+        namespace=NAMESPACE,
+        service_account=SERVICE_ACCOUNT,
+        mount=K8S_MOUNT,
+    )
+    token_file = workdir / "sa-token"
+    token = kube_emulator.issue_service_account_token(NAMESPACE, SERVICE_ACCOUNT)
+    token_file.write_text(token)
+    auth = {
+        "kubernetes": {"role": "trustmgr-process", "mount": K8S_MOUNT, "tokenPath": str(token_file)}
+    }
+    path = _write_config(workdir, vault_pki.address, auth)
+    port = _port()
+    path.write_text(path.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trustmgr", "daemon"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _wait_for(port, "/readyz", lambda code, _: code == 200) == (200, "ok\n")
+        assert (workdir / "out/pci-west/ca-cert.pem").exists()
+        kube_emulator.revoke_service_account_token(token)
+        code, why = _wait_for(port, "/readyz", lambda code, _: code == 503)
+        assert code == 503 and why.count("\n") == 1
+        assert why.startswith(f"provider vault-prod: Kubernetes login on auth/{K8S_MOUNT}/login")
+        assert _get(port, "/healthz") == (200, "ok\n")
+        assert process.poll() is None
+        token_file.write_text(kube_emulator.issue_service_account_token(NAMESPACE, SERVICE_ACCOUNT))
+        assert _wait_for(port, "/readyz", lambda code, _: code == 200)[0] == 200
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, err
+    assert token not in err
+    failed = [line for line in err.splitlines() if "pass failed" in line]
+    assert failed and all(why.strip() in line for line in failed)
 
 
 # -- OpenBao sealed and restarted mid-run --------------------------------------------------
