@@ -363,6 +363,13 @@ class _TokenKeeper:
             return "JWT"
         return "token"
 
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the current token expires; None before the first login or for a
+        token that never expires."""
+        lease = self._lease
+        return None if lease is None else lease.expires_at
+
     def token(self) -> str:
         """A token good for the next request."""
         with self._lock:
@@ -702,6 +709,12 @@ class VaultProvider:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def token_expires_at(self) -> datetime | None:
+        """When the Vault token this provider last used expires; None before its
+        first login, or for a token that never expires. Read-only; makes no request."""
+        return self._keeper.expires_at
 
     def roots(self) -> tuple[x509.Certificate, ...]:
         """The self-signed ends of the chains of every issuer of the mount, read now

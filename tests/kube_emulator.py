@@ -26,6 +26,10 @@ it unmodified:
   the client that made it and when (:attr:`KubeEmulator.write_log`) and
   fault injection (:class:`Fault`): error statuses, delays, dropped or late answers and hooks that
   run between requests.
+* Service-account tokens (:meth:`KubeEmulator.issue_service_account_token`): JWT-shaped,
+  RS256-signed by the cluster, accepted as bearer tokens, and authenticated by
+  authentication.k8s.io/v1 ``tokenreviews`` (POST) as kube-apiserver does; each review is
+  logged in :attr:`KubeEmulator.token_reviews`.
 
 Not emulated: watch, server-side apply, subresources (status, scale), finalizers and graceful
 deletion, namespace termination (deleting a namespace removes it and its objects at once),
@@ -64,12 +68,15 @@ from urllib.parse import parse_qs, urlsplit
 
 __all__ = [
     "RESOURCES",
+    "TOKEN_REVIEW_PATH",
     "ApiError",
     "Fault",
     "KubeEmulator",
     "RequestRecord",
     "ResourceType",
     "Rule",
+    "ServiceAccountToken",
+    "TokenReviewRecord",
     "WriteRecord",
     "merge_kubeconfigs",
     "start_many",
@@ -157,6 +164,13 @@ RESOURCES: Final[Mapping[str, ResourceType]] = {
     )
 }
 _BY_KIND: Final = {(r.api_version, r.kind): r for r in RESOURCES.values()}
+
+TOKEN_REVIEW_PATH: Final = "/apis/authentication.k8s.io/v1/tokenreviews"
+_TOKEN_REVIEWS: Final = ResourceType(
+    "tokenreviews", "TokenReview", "authentication.k8s.io", namespaced=False
+)
+API_AUDIENCE: Final = "https://kubernetes.default.svc.cluster.local"
+"""kube-apiserver's default ``--api-audiences``: what a token without an audience is good for."""
 
 
 class ApiError(Exception):
@@ -353,6 +367,49 @@ class RequestRecord:
     client: str = ""
     """The user the request authenticated as (see ``tokens``)."""
     user_agent: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceAccountToken:
+    """A service-account token the emulator issued: who it names and until when it is good."""
+
+    token: str = field(repr=False)
+    namespace: str
+    name: str
+    uid: str
+    expires: float
+    """Unix seconds (the ``exp`` claim)."""
+    audiences: tuple[str, ...] = (API_AUDIENCE,)
+
+    @property
+    def username(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.name}"
+
+    @property
+    def groups(self) -> list[str]:
+        return ["system:serviceaccounts", f"system:serviceaccounts:{self.namespace}"]
+
+
+@dataclass(frozen=True)
+class TokenReviewRecord:
+    """One TokenReview the emulator answered.
+
+    ``token`` is the token reviewed (``spec.token``), ``reviewer`` the user the request
+    authenticated as; ``username`` and ``uid`` are empty and ``error`` says why when the token
+    was not authenticated.
+    """
+
+    token: str = field(repr=False)
+    authenticated: bool
+    username: str
+    uid: str
+    error: str
+    reviewer: str
+    at: float
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 _WRITE_SEQUENCE: Final = itertools.count(1)
@@ -937,6 +994,11 @@ class KubeEmulator:
             self.ca_pem, self._ssl = _self_signed_server()
         self.requests: list[RequestRecord] = []
         self.write_log: list[WriteRecord] = []
+        self.token_reviews: list[TokenReviewRecord] = []
+        self._service_accounts: dict[str, ServiceAccountToken] = {}
+        self._revoked: set[str] = set()
+        self._service_account_uids: dict[tuple[str, str], str] = {}
+        self._signing_key: Any = None
         self.errors: list[BaseException] = []  # emulator bugs, answered as 500
         self._lock = threading.RLock()
         self._objects: dict[tuple[str, str, str], Obj] = {}
@@ -1094,6 +1156,81 @@ class KubeEmulator:
     def reset_rbac(self) -> None:
         with self._lock:
             self._allow, self._deny = None, []
+
+    # service-account tokens
+
+    def issue_service_account_token(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        ttl: float = 3600.0,
+        uid: str | None = None,
+        audiences: Sequence[str] = (API_AUDIENCE,),
+    ) -> str:
+        """A new token of service account ``namespace/name``, as the kubelet would mount it.
+
+        A JWT (header.payload.signature, RS256 with a key of this cluster) with the claims
+        ``iss``, ``sub``, ``kubernetes.io/serviceaccount/namespace``,
+        ``.../service-account.name``, ``.../service-account.uid``, ``iat`` and ``exp`` (now
+        plus ``ttl`` seconds).  The service account's uid is the same for all its tokens unless
+        ``uid`` is given.  The token authenticates requests and TokenReviews until it expires or
+        is revoked (:meth:`revoke_service_account_token`).
+        """
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+        now = int(time.time())
+        with self._lock:
+            if self._signing_key is None:
+                self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            key = self._signing_key
+            uid = uid or self._service_account_uids.setdefault((namespace, name), str(uuid.uuid4()))
+        claims = {
+            "iss": "kubernetes/serviceaccount",
+            "sub": f"system:serviceaccount:{namespace}:{name}",
+            "kubernetes.io/serviceaccount/namespace": namespace,
+            "kubernetes.io/serviceaccount/service-account.name": name,
+            "kubernetes.io/serviceaccount/service-account.uid": uid,
+            "iat": now,
+            "exp": now + int(ttl),
+            "jti": str(uuid.uuid4()),
+        }
+        header = {"alg": "RS256", "kid": "kube-emulator", "typ": "JWT"}
+        signed = ".".join(
+            _b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
+        )
+        signature = key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256())
+        token = f"{signed}.{_b64url(signature)}"
+        with self._lock:
+            self._service_accounts[token] = ServiceAccountToken(
+                token, namespace, name, uid, float(now + int(ttl)), tuple(audiences)
+            )
+        return token
+
+    def revoke_service_account_token(self, token: str) -> bool:
+        """Forget an issued token, as deleting its service account or bound pod does: it no
+        longer authenticates.  False if the emulator did not know it."""
+        with self._lock:
+            known = self._service_accounts.pop(token, None)
+            if known is not None:
+                self._revoked.add(token)
+            return known is not None
+
+    def service_account_of(self, token: str) -> ServiceAccountToken | None:
+        """The issued token ``token``, if it is known (revoked ones are not)."""
+        with self._lock:
+            return self._service_accounts.get(token)
+
+    def _authenticate_service_account(self, token: str) -> tuple[ServiceAccountToken | None, str]:
+        """The service account ``token`` authenticates as, or None and why not."""
+        known = self._service_accounts.get(token)
+        if known is None:
+            why = "token has been invalidated" if token in self._revoked else "token lookup failed"
+            return None, f"[invalid bearer token, {why}]"
+        if known.expires <= time.time():
+            return None, "[invalid bearer token, service account token has expired]"
+        return known, ""
 
     # counters
 
@@ -1254,12 +1391,13 @@ class KubeEmulator:
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         route = _route(url.path)
         verb = _verb(request.method, route, query) if route else None
+        review = route is None and url.path.rstrip("/") == TOKEN_REVIEW_PATH
         record = RequestRecord(
             request.method,
             url.path,
             query,
-            verb,
-            route.rt.plural if route else None,
+            ("create" if request.method == "POST" else None) if review else verb,
+            route.rt.plural if route else ("tokenreviews" if review else None),
             route.namespace if route else "",
             route.name if route else "",
             client=self._client(request),
@@ -1308,9 +1446,19 @@ class KubeEmulator:
         # The scheme is case-insensitive, as kube-apiserver reads it (the official client's
         # in-cluster configuration sends "bearer").
         scheme, _, credentials = (request.headers.get("authorization") or "").partition(" ")
+        bearer = credentials if scheme.lower() == "bearer" else ""
         accepted = {t for t in (self.token, *self.tokens) if t is not None}
-        if accepted and (scheme.lower() != "bearer" or credentials not in accepted):
+        service_account = None
+        if bearer in self._service_accounts or bearer in self._revoked:
+            # kube-apiserver refuses a service-account token it cannot authenticate (401) even
+            # where anonymous requests are let through.
+            service_account, _ = self._authenticate_service_account(bearer)
+            if service_account is None:
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+        elif accepted and bearer not in accepted:
             raise ApiError(401, "Unauthorized", "Unauthorized")
+        if route is None and path.rstrip("/") == TOKEN_REVIEW_PATH:
+            return self._token_review(request)
         if route is None:
             return self._non_resource(request.method, path)
         if verb is None:
@@ -1338,8 +1486,71 @@ class KubeEmulator:
 
     def _client(self, request: _HttpRequest) -> str:
         """The user a request acts as: the one its bearer token names, else ``user``."""
-        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-        return self.tokens.get(token if scheme.lower() == "bearer" else "", self.user)
+        scheme, _, credentials = (request.headers.get("authorization") or "").partition(" ")
+        token = credentials if scheme.lower() == "bearer" else ""
+        with self._lock:
+            service_account = self._service_accounts.get(token)
+        if service_account is not None:
+            return service_account.username
+        return self.tokens.get(token, self.user)
+
+    def _token_review(self, request: _HttpRequest) -> tuple[int, Obj]:
+        """POST tokenreviews: authenticate ``spec.token`` as kube-apiserver does (201, the
+        review with its ``status``); nothing is stored."""
+        route = _Route(_TOKEN_REVIEWS, "", "")
+        if request.method != "POST":
+            message = "the server does not allow this method on the requested resource"
+            raise ApiError(405, message, "MethodNotAllowed", _TOKEN_REVIEWS.details())
+        self._authorize("create", route)
+        review = self._decode(_TOKEN_REVIEWS, request.body)
+        spec = review.get("spec")
+        spec = spec if isinstance(spec, dict) else {}
+        token = spec.get("token")
+        if not isinstance(token, str) or not token:
+            raise _invalid(_TOKEN_REVIEWS, "", [_required("spec.token")])
+        wanted = spec.get("audiences")
+        wanted = [str(a) for a in wanted] if isinstance(wanted, list) and wanted else None
+        service_account, error = self._authenticate_service_account(token)
+        if service_account is not None and wanted is not None:
+            granted = [a for a in wanted if a in service_account.audiences]
+            if not granted:
+                error = (
+                    f"[invalid bearer token, token audiences {list(service_account.audiences)!r} "
+                    f"is invalid for the target audiences {wanted!r}]"
+                )
+                service_account = None
+        status: Obj
+        if service_account is None:
+            status = {"user": {}, "error": error}
+        else:
+            status = {
+                "authenticated": True,
+                "user": {
+                    "username": service_account.username,
+                    "uid": service_account.uid,
+                    "groups": [*service_account.groups, "system:authenticated"],
+                },
+                "audiences": granted if wanted is not None else list(service_account.audiences),
+            }
+        self.token_reviews.append(
+            TokenReviewRecord(
+                token,
+                service_account is not None,
+                service_account.username if service_account else "",
+                service_account.uid if service_account else "",
+                error,
+                self._client(request),
+                time.time(),
+            )
+        )
+        answer: Obj = {
+            "kind": "TokenReview",
+            "apiVersion": _TOKEN_REVIEWS.api_version,
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+        return 201, answer
 
     def _log_write(
         self, verb: str, route: _Route, body: Obj | str, request: RequestRecord | None = None

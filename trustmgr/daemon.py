@@ -97,6 +97,13 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.vault_token_expiry = Gauge(
+            "trustmgr_vault_token_expiration_timestamp_seconds",
+            "When the Vault token each Vault provider last used expires, in Unix seconds "
+            "(absent for a token that never expires).",
+            ["provider"],
+            registry=r,
+        )
         self.leader = Gauge(
             "trustmgr_leader",
             "1 while this replica leads and runs passes (always, without leader election).",
@@ -228,8 +235,11 @@ class Daemon:
             with self.workspace() as ws:
                 from trustmgr.engine import apply
 
-                report = apply(ws, workers=self.workers, stop=stop, fence=fence)
-                self._export(ws, report)
+                try:
+                    report = apply(ws, workers=self.workers, stop=stop, fence=fence)
+                    self._export(ws, report)
+                finally:
+                    self._export_tokens(ws)
             self.metrics.observe_report(report)
             self.health.ready, self.health.why_not_ready = True, "ok"
             if report.ok:
@@ -285,6 +295,19 @@ class Daemon:
         for key, rotation in state.rotations.items():
             self.metrics.rotation_phase.labels(rotation=key, phase=str(rotation.phase)).set(1)
 
+    def _export_tokens(self, ws: Workspace) -> None:
+        """Expiry of the Vault token each Vault provider used in the pass, also
+        of a pass that failed: no request of its own."""
+        expiries: dict[str, datetime] = {}
+        for provider in (*ws.providers.values(), *ws.incoming.values()):
+            expires = _token_expiry(provider)
+            if expires is not None:
+                name = provider.name
+                expiries[name] = min(expires, expiries.get(name, expires))
+        self.metrics.vault_token_expiry.clear()
+        for name, expires in expiries.items():
+            self.metrics.vault_token_expiry.labels(provider=name).set(expires.timestamp())
+
     # the schedule
 
     def run(self, *, serve: bool = True) -> None:
@@ -332,6 +355,14 @@ class Daemon:
 
 class _ThreadingHTTPServerV6(ThreadingHTTPServer):
     address_family = socket.AF_INET6
+
+
+def _token_expiry(provider: object) -> datetime | None:
+    """``token_expires_at`` of a Vault provider (also one limited to some of its
+    roots during a rotation); None for other kinds."""
+    inner = getattr(provider, "_provider", provider)
+    expires = getattr(inner, "token_expires_at", None)
+    return expires if isinstance(expires, datetime) else None
 
 
 def make_trigger(interval: timedelta, jitter: timedelta) -> Any:
