@@ -263,16 +263,23 @@ class Kubelet:
         mount = tools["mount"]
         q = shlex.quote
         script = ["set -e", f"{mount} --bind {q(str(root))} {q(str(root))}"]
-        for path in host_dirs:
-            inside = q(str(root / path.lstrip("/")))
-            script += [f"{mount} --bind {q(path)} {inside}", f"{mount} -o remount,bind,ro {inside}"]
-        script += [f"{mount} --rbind /dev {q(str(root / 'dev'))}"]
-        script += [f"{mount} --rbind /proc {q(str(root / 'proc'))}"]
-        for source, path, read_only in mounts:
+        # The pod's volumes first, the host's directories over them: a checkout
+        # under /tmp stays visible through the pod's /tmp.
+        for source, path, _ in mounts:
             inside = q(str(root / path.lstrip("/")))
             script.append(f"{mount} --bind {q(str(source))} {inside}")
+        for path in host_dirs:
+            inside = q(str(root / path.lstrip("/")))
+            script += [
+                f"mkdir -p {inside}",
+                f"{mount} --bind {q(path)} {inside}",
+                f"{mount} -o remount,bind,ro {inside}",
+            ]
+        script += [f"{mount} --rbind /dev {q(str(root / 'dev'))}"]
+        script += [f"{mount} --rbind /proc {q(str(root / 'proc'))}"]
+        for _, path, read_only in mounts:
             if read_only:
-                script.append(f"{mount} -o remount,bind,ro {inside}")
+                script.append(f"{mount} -o remount,bind,ro {q(str(root / path.lstrip('/')))}")
         if sc.get("readOnlyRootFilesystem"):
             script.append(f"{mount} -o remount,bind,ro {q(str(root))}")
         groups = f" --groups={fs_group}" if fs_group is not None else ""
