@@ -616,10 +616,16 @@ def run_daemon(release: Install) -> None:
             time.sleep(0.2)
             status, body = probe(container, "readinessProbe")
         assert probe(container, "livenessProbe")[0] == 200
+        # Ready is not yet leading: with leader election the first pass waits for the Lease.
         port = container["ports"][0]["containerPort"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            metrics = answer.read().decode()
-        assert 'trustmgr_certificate_expiration_timestamp_seconds{cluster="local"' in metrics
+        expiry = 'trustmgr_certificate_expiration_timestamp_seconds{cluster="local"'
+        metrics = ""
+        while expiry not in metrics:
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, f"no pass wrote the cluster CA: {metrics}"
+            time.sleep(0.2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                metrics = answer.read().decode()
         assert_valid_cacerts(release.cacerts(), "web.corp")
 
         # Stopping the pod: SIGTERM, then the grace period.
