@@ -21,13 +21,12 @@ from packaging.version import Version
 
 from tests.conftest import REPO
 from trustmgr import __version__
-from trustmgr.config import DaemonConfig, parse
+from trustmgr.config import parse
 
 CHART = REPO / "charts" / "trustmgr"
 RELEASE, NAMESPACE = "trustmgr", "trustmgr"
 CONFIG_PATH = "/etc/trustmgr/config/trustmgr.yaml"
 POD_KINDS = ("CronJob", "Deployment")
-LEADER_ELECTION_SUPPORTED = "leader_election" in DaemonConfig.model_fields
 
 Obj = dict[str, Any]
 
@@ -435,10 +434,6 @@ def test_rendered_configuration_is_valid(case: str) -> None:
     """trustmgr.yaml as rendered passes trustmgr's own validation."""
     out = rendered(case)
     text = out.one("ConfigMap")["data"]["trustmgr.yaml"]
-    if "leaderElection" in text and not LEADER_ELECTION_SUPPORTED:
-        data = yaml.safe_load(text)
-        del data["daemon"]["leaderElection"]
-        text = yaml.safe_dump(data)
     config = parse(text, "trustmgr.yaml")
     if MATRIX[case].get("stateStore", {}).get("type") == "vault":
         assert config.state_store.kind == "vault"

@@ -48,7 +48,6 @@ from tests.conftest import PASSPHRASE, REPO
 from tests.kube_emulator import DEFAULT_USER, KubeEmulator
 from tests.kube_fixtures import KubeEmulatorFactory, kube_emulator_factory
 from tests.test_chart import (
-    LEADER_ELECTION_SUPPORTED,
     NAMESPACE,
     Rendered,
     base_values,
@@ -644,9 +643,6 @@ def test_daemon_serves_its_probes_and_writes_cacerts(cluster: KubeEmulator, tmp_
     run_daemon(release)
 
 
-@pytest.mark.skipif(
-    not LEADER_ELECTION_SUPPORTED, reason="this trustmgr has no daemon.leaderElection yet"
-)
 def test_daemon_replicas_elect_a_leader_with_the_roles_lease(
     cluster: KubeEmulator, tmp_path: Path
 ) -> None:
