@@ -79,8 +79,11 @@ class VaultTransitWrapper:
             )
         path = f"{self._config.mount}/decrypt/{self._config.key}"
         data = self._data(path, {"ciphertext": wrapped, "associated_data": _associated(context)})
+        plaintext = data.get("plaintext")
+        if not isinstance(plaintext, str):
+            raise self._unexpected(path, "no plaintext")
         try:
-            return base64.b64decode(str(data.get("plaintext")), validate=True)
+            return base64.b64decode(plaintext, validate=True)
         except binascii.Error:
             raise self._unexpected(path, "no plaintext") from None
 

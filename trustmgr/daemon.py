@@ -39,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from trustmgr.bundles import fingerprint
 from trustmgr.config import Config
+from trustmgr.engine import apply
 from trustmgr.errors import TargetError, TrustmgrError
 from trustmgr.execute import Report
 from trustmgr.leader import LeaderElector, NotLeaderError
@@ -233,8 +234,6 @@ class Daemon:
             stop.set()
         try:
             with self.workspace() as ws:
-                from trustmgr.engine import apply
-
                 try:
                     report = apply(ws, workers=self.workers, stop=stop, fence=fence)
                     self._export(ws, report)

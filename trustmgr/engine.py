@@ -52,6 +52,7 @@ from trustmgr.planner import (
     decide,
     federation_at,
     overlapping,
+    provider_clusters,
 )
 from trustmgr.providers import RootKeeper, RootRenewer
 from trustmgr.state.model import BundleRecord, Phase, RotationRecord
@@ -140,17 +141,12 @@ def start_rotation(ws: Workspace, provider: str) -> RotationRecord:
                 f"provider {provider} is already rotating (rotation {r.id}, phase {r.phase}); "
                 "see `trustmgr rotate status`"
             )
-        candidate = RotationRecord(
-            id="",
-            provider=provider,
-            phase=Phase.PREPARED,
-            generation="",
-            old_roots=(),
-            new_roots=(),
-            started_at=ws.clock(),
-            phase_at=ws.clock(),
+        busy = overlapping(
+            ws.config,
+            provider,
+            provider_clusters(ws.config, provider),
+            state.rotations.values(),
         )
-        busy = overlapping(ws.config, candidate, state.rotations.values())
         if busy is not None:
             raise BadInputError(
                 f"the {busy.what} ({busy.phase}) shares trust bundles with provider "

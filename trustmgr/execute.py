@@ -156,9 +156,9 @@ def execute(
             assert fingerprint(root) == p.fingerprint, "a kept root is the planned one"
             log.info("created the root of provider %s", p.provider)
             created.append(p.provider)
-    _record_rotations(ws, plan, fence)
+    saved = _record_rotations(ws, plan, fence)
     results = _apply_all(ws, plan, observation, workers, stop, progress, fence)
-    state = ws.store.load()
+    state = saved if saved is not None else ws.store.load()
     new_state = _with_imports(state, observation)
     for o, record in results:
         if record is not None:
@@ -169,12 +169,12 @@ def execute(
     return Report(plan, tuple(o for o, _ in results), tuple(created), stop.is_set())
 
 
-def _record_rotations(ws: Workspace, plan: Plan, fence: Fence) -> None:
+def _record_rotations(ws: Workspace, plan: Plan, fence: Fence) -> State | None:
     """Save each rotation's phase before that phase's writes: a run stopped at
-    any point resumes the phase it had started."""
+    any point resumes the phase it had started. The state as saved, if it was."""
     changes = plan.rotation_changes
     if not changes:
-        return
+        return None
     state = ws.store.load()
     rotations, generations = dict(state.rotations), dict(state.generations)
     for step in changes:
@@ -198,7 +198,7 @@ def _record_rotations(ws: Workspace, plan: Plan, fence: Fence) -> None:
             if step.advanced_from is not None:
                 log.info("%s: %s -> %s", step.record.what, step.advanced_from, step.record.phase)
     fence()
-    ws.store.save(replace(state, rotations=rotations, generations=generations))
+    return ws.store.save(replace(state, rotations=rotations, generations=generations))
 
 
 def _apply_all(

@@ -157,20 +157,21 @@ def observe_all(
         for name, provider in ws.providers.items()
         if prepare and name in used and not roots[name] and isinstance(provider, RootKeeper)
     }
+    state = ws.store.load()
     return Observation(
         clusters=clusters() if clusters is not None else read_clusters(ws, workers),
         roots=roots,
         prepared=prepared,
         external=external_bundles(ws),
-        state=ws.store.load(),
+        state=state,
         taken_at=ws.clock(),
         incoming=provider_roots(ws.incoming),
-        upcoming=_upcoming(ws, roots) if prepare else {},
+        upcoming=_upcoming(ws, roots, state) if prepare else {},
     )
 
 
 def _upcoming(
-    ws: Workspace, roots: Mapping[str, tuple[x509.Certificate, ...]]
+    ws: Workspace, roots: Mapping[str, tuple[x509.Certificate, ...]], state: State
 ) -> dict[str, tuple[str, x509.Certificate]]:
     """The next root of each self-signed provider whose roots all end inside
     ``rotation.rootRenewBefore``, made in memory (a rotation would keep it)."""
@@ -178,7 +179,6 @@ def _upcoming(
     if not window:
         return {}
     now = ws.clock()
-    state = ws.store.load()
     out = {}
     used = {m.provider for m in ws.config.meshes.values()}
     for name, provider in ws.providers.items():

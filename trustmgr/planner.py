@@ -65,7 +65,6 @@ class DesiredCluster:
     """Fingerprints of the mesh provider's roots: the CA must chain to one of them."""
     istio_version: str | None = None
     multi_root: bool = False
-    restart_istiod: bool = False
     adopt: bool = False
     """The operator allows replacing cacerts that trustmgr did not create."""
     incoming: str = ""
@@ -446,7 +445,6 @@ def desired_cluster(
         own_roots=tuple(fingerprint(r) for r in federation.meshes[mesh_name].roots),
         istio_version=cfg.istio.version,
         multi_root=cfg.istio.multi_root,
-        restart_istiod=cfg.istio.restart_istiod,
         adopt=adopt,
     )
 
@@ -551,7 +549,9 @@ def decide(
     rotations = _valid_rotations(config, observation)
     moves = _moves(config, observation, rotations, now)
     for step in moves:
-        busy = overlapping(config, step.record, rotations.values())
+        busy = overlapping(
+            config, step.record.key, rotation_clusters(config, step.record), rotations.values()
+        )
         if busy is not None:
             raise BadInputError(
                 f"mesh {step.record.mesh} would move from provider {step.record.from_provider} "
@@ -580,17 +580,8 @@ def decide(
     for provider, (generation, root) in sorted(observation.upcoming.items()):
         if provider in rotations:
             continue
-        candidate = RotationRecord(
-            id=generation,
-            provider=provider,
-            phase=Phase.PREPARED,
-            generation=generation,
-            old_roots=(),
-            new_roots=(),
-            started_at=now,
-            phase_at=now,
-        )
-        if overlapping(config, candidate, [*rotations.values(), *(s.record for s in steps)]):
+        others = [*rotations.values(), *(s.record for s in steps)]
+        if overlapping(config, provider, provider_clusters(config, provider), others):
             continue  # starts once the rotation sharing its bundles is done
         ends = max(r.not_valid_after_utc for r in observation.roots[provider])
         steps.append(
@@ -706,25 +697,29 @@ def affected_clusters(config: Config, meshes: frozenset[str] | set[str]) -> set[
 
 
 def overlapping(
-    config: Config, record: RotationRecord, others: Iterable[RotationRecord]
+    config: Config, key: str, clusters: set[str], others: Iterable[RotationRecord]
 ) -> RotationRecord | None:
-    """Another rotation whose clusters share trust bundles with ``record``'s.
-    Two roots retiring from one bundle cannot both sit at its ends, where
-    istiod before 1.30 needs a removed root to be: one rotation at a time there."""
-    mine = rotation_clusters(config, record)
+    """Another rotation than ``key`` whose clusters share trust bundles with
+    ``clusters``. Two roots retiring from one bundle cannot both sit at its ends,
+    where istiod before 1.30 needs a removed root to be: one rotation at a time there."""
     for other in others:
-        if other.key != record.key and mine & rotation_clusters(config, other):
+        if other.key != key and clusters & rotation_clusters(config, other):
             return other
     return None
+
+
+def provider_clusters(config: Config, provider: str) -> set[str]:
+    """The clusters a renewal of ``provider``'s root affects."""
+    return affected_clusters(
+        config, {m for m, mesh in config.meshes.items() if mesh.provider == provider}
+    )
 
 
 def rotation_clusters(config: Config, record: RotationRecord) -> set[str]:
     """The clusters a rotation affects, as the configuration stands."""
     if record.mesh:
         return affected_clusters(config, {record.mesh})
-    return affected_clusters(
-        config, {m for m, mesh in config.meshes.items() if mesh.provider == record.provider}
-    )
+    return provider_clusters(config, record.provider)
 
 
 def federation_at(

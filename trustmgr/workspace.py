@@ -160,7 +160,8 @@ class Only:
 
     def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
         answer = self._provider.sign_ca(csr, ttl)
-        return SignedCA(answer.chain, self.roots() or answer.roots)
+        kept = tuple(r for r in answer.roots if fingerprint(r) in self._fingerprints)
+        return SignedCA(answer.chain, kept or answer.roots)
 
     def close(self) -> None:
         close = getattr(self._provider, "close", None)

@@ -30,7 +30,7 @@ import string
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import quote
@@ -227,7 +227,7 @@ def _api_config(config: KubernetesStateStoreConfig) -> KubernetesTargetConfig:
 class _Stored:
     """The Secret as read."""
 
-    data: Data
+    data: Data = field(repr=False)
     metadata: dict[str, Any]
     type: str
 

@@ -13,7 +13,7 @@ Under ``<mount>`` (default ``secret``) and ``<path>`` (default ``trustmgr/state`
   while held, released by clearing the holder.
 
 Logging in, renewing and logging in again are the Vault provider's
-(:class:`trustmgr.providers.vault._TokenKeeper`), with the same auth methods.
+(:class:`trustmgr.providers.vault.VaultSession`), with the same auth methods.
 Messages never carry a token or anything read from the store."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -33,7 +33,7 @@ from trustmgr.config import VaultStateStoreConfig
 from trustmgr.errors import LockedError, StateError
 from trustmgr.providers.base import ProviderError, ProviderTransientError
 from trustmgr.providers.config import VaultConfig
-from trustmgr.providers.vault import Answer, _Failure, _TokenKeeper, _VaultHTTP
+from trustmgr.providers.vault import Answer, VaultFailure, VaultSession
 from trustmgr.state.lease import Holding, LockLostError, RunLock
 from trustmgr.state.model import State
 from trustmgr.state.store import (
@@ -62,7 +62,7 @@ class _CasMismatch(Exception):
 
 @dataclass(frozen=True)
 class _Secret:
-    data: dict[str, Any]
+    data: dict[str, Any] = field(repr=False)
     version: int
 
 
@@ -86,8 +86,7 @@ class VaultStateStore:
             mount=config.mount,
             auth=config.auth,
         )
-        self._http = _VaultHTTP(connection)
-        self._keeper = _TokenKeeper(NAME, config.auth, self._http, clock)
+        self._session = VaultSession(NAME, connection, clock)
         self._sleep = sleep
         self._jitter = random.Random()  # noqa: S311 -- backoff jitter, not a secret
         self._checked_mount = False
@@ -99,7 +98,7 @@ class VaultStateStore:
         return f"Vault KV {self.mount}/{self.path} at {self.config.address}{where}"
 
     def close(self) -> None:
-        self._http.close()
+        self._session.close()
 
     def lock(self) -> AbstractContextManager[None]:
         """Hold the record ``<path>/lock`` for the run; held elsewhere, LockedError at once."""
@@ -216,14 +215,8 @@ class VaultStateStore:
         attempt = 0
         while True:
             try:
-                token = self._keeper.token()
-                try:
-                    return self._http.call(method, path, token=token, body=body)
-                except _Failure as failure:
-                    if failure.status not in (401, 403) or not self._keeper.recover(token):
-                        raise
-                return self._http.call(method, path, token=self._keeper.token(), body=body)
-            except _Failure as failure:
+                return self._session.call(method, path, body)
+            except VaultFailure as failure:
                 if failure.reason == "answer" and failure.detail.startswith("HTTP 2"):
                     return {}  # a success without a body (204)
                 if failure.retryable and attempt < RETRIES:
@@ -259,12 +252,10 @@ class VaultStateStore:
             )
         self._checked_mount = True
 
-    def _translate(self, failure: _Failure, method: str) -> Exception:
+    def _translate(self, failure: VaultFailure, method: str) -> Exception:
         """The one place a failed call becomes a store error (or a miss, or a CAS refusal)."""
         address = self.config.address
-        text = " ".join(failure.text.split())
-        for secret in tuple(self._keeper.secrets):
-            text = text.replace(secret, "[redacted]")
+        text = self._session.scrub(" ".join(failure.text.split()))
         if failure.reason == "unreachable":
             return StoreUnavailableError(
                 f"state store: Vault at {address} is unreachable ({failure.detail}); check "
@@ -299,7 +290,7 @@ class VaultStateStore:
             )
         if failure.path.startswith("auth/"):
             return StateError(
-                f"state store: {self._keeper.method} login on {failure.path} was refused (HTTP "
+                f"state store: {self._session.keeper.method} login on {failure.path} was refused (HTTP "
                 f"{status}): check stateStore.vault.auth and that its credentials are current"
             )
         if status == 400 and _CAS_MISMATCH in text:
