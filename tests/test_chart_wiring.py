@@ -228,7 +228,11 @@ class Kubelet:
 
         # The image: the host's system and Python read-only, trustmgr on PATH, an /etc
         # of its own with the image's user.
-        host_dirs = ["/usr", "/etc/ssl", sys.base_prefix, sys.prefix, str(REPO)]
+        # The checkout's code alone, at a path of the image's: the checkout itself
+        # may sit in a directory only its owner can enter (mktemp -d makes 0700).
+        host_dirs = ["/usr", "/etc/ssl", sys.base_prefix, sys.prefix]
+        source = "/opt/trustmgr/src"
+        code = [(str(REPO / name), f"{source}/{name}") for name in ("trustmgr", "providers")]
         etc = root / "etc"
         etc.mkdir(parents=True)
         (etc / "passwd").write_text(
@@ -246,11 +250,11 @@ class Kubelet:
         bin_dir.mkdir(parents=True)
         launcher = bin_dir / "trustmgr"
         launcher.write_text(
-            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {source!r})\n"
             "from trustmgr.cli import main\nmain()\n"
         )
         launcher.chmod(0o755)
-        for path in [*host_dirs, "/dev", "/proc", *(m[1] for m in mounts)]:
+        for path in [*host_dirs, *(c[1] for c in code), "/dev", "/proc", *(m[1] for m in mounts)]:
             (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
         for directory in (root, *root.rglob("*")):
             if directory.is_dir() and not directory.is_symlink():
@@ -267,8 +271,8 @@ class Kubelet:
         for source, path, _ in mounts:
             inside = q(str(root / path.lstrip("/")))
             script.append(f"{mount} --bind {q(str(source))} {inside}")
-        for path in host_dirs:
-            inside = q(str(root / path.lstrip("/")))
+        for path, at in [*((d, d) for d in host_dirs), *code]:
+            inside = q(str(root / at.lstrip("/")))
             script += [
                 f"mkdir -p {inside}",
                 f"{mount} --bind {q(path)} {inside}",

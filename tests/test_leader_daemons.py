@@ -44,11 +44,14 @@ def _port() -> int:
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
+    """The status and body at ``path``; (0, why) while nothing listens yet."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
             return answer.status, answer.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:
+        return 0, str(exc.reason)
 
 
 @dataclass
@@ -217,7 +220,8 @@ def test_three_daemons_one_writer_takeover_after_a_kill_and_handover_on_sigterm(
     first = fleet.holder()
     wait_for(lambda: fleet.leaders() == [first], 10, "the leader's metric")
     for replica in fleet.replicas.values():
-        assert _get(replica.port, "/healthz") == (200, "ok\n")
+        # a replica on a loaded machine may still be starting its HTTP server
+        wait_for(answers(replica, "/healthz", (200, "ok\n")), 10, "liveness")
         ready = "ok\n" if replica.name == first else f"following {first}\n"
         wait_for(answers(replica, "/readyz", (200, ready)), 5, "readiness")
     time.sleep(2 * LEASE_DURATION)  # passes with nothing to do, renewals, followers polling
