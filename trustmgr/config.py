@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, model_validator
@@ -36,6 +36,7 @@ from trustmgr.schema import (
 )
 
 DEFAULT_CONFIG = "trustmgr.yaml"
+M = TypeVar("M", bound=Model)
 
 # Labels joined by single dots: a leading dot would make the URI name constraint
 # ".td" permit every subdomain of td (RFC 5280 4.2.1.10).
@@ -162,11 +163,21 @@ class KubernetesTargetConfig(Model):
 
 
 class ClusterConfig(Model):
-    """One cluster: exactly one target."""
+    """One cluster: exactly one target.
+
+    ``mode``: ``push`` (trustmgr makes the CA key and writes cacerts through the
+    target) or ``agent`` (trustmgr running in the cluster makes the key there and
+    writes cacerts itself; through the target, the central run only publishes the
+    cluster's desired document and reads the agent's report: docs/agent.md)."""
 
     directory: DirectoryTargetConfig | None = None
     kubernetes: KubernetesTargetConfig | None = None
     istio: IstioSettings = IstioSettings()
+    mode: Literal["push", "agent"] = "push"
+
+    @property
+    def agent(self) -> bool:
+        return self.mode == "agent"
 
     @model_validator(mode="after")
     def _one_target(self) -> ClusterConfig:
@@ -711,6 +722,12 @@ def _pydantic_problems(exc: ValidationError) -> list[_Problem]:
 
 def parse(text: str, source: str) -> Config:
     """Parse and validate a configuration; raise ConfigError with every problem."""
+    return parse_as(Config, text, source)
+
+
+def parse_as(model: type[M], text: str, source: str) -> M:
+    """Parse and validate a YAML file of ``model``'s schema (the configuration,
+    or an agent's); raise ConfigError with every problem, each with its line."""
     try:
         data, graph = _load_yaml(text)
     except _Refused as exc:
@@ -730,13 +747,16 @@ def parse(text: str, source: str) -> Config:
             source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]
         ) from None
     if not isinstance(data, dict):
-        raise ConfigError(source, ["the file must hold a mapping with providers and meshes"])
+        what = "with providers and meshes" if model is Config else "of settings"
+        raise ConfigError(source, [f"the file must hold a mapping {what}"])
     assert graph is not None
     lines = graph.lines
-    problems = graph.duplicates + _reference_problems(data) + _lifetime_problems(data)
-    config: Config | None = None
+    problems = list(graph.duplicates)
+    if model is Config:
+        problems += _reference_problems(data) + _lifetime_problems(data)
+    config: M | None = None
     try:
-        config = Config.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as exc:
         problems = _pydantic_problems(exc) + problems
     if problems:
@@ -754,6 +774,11 @@ def _format(problem: _Problem, lines: dict[Loc, int]) -> str:
 
 
 def load(path: Path) -> Config:
+    return load_as(Config, path)
+
+
+def load_as(model: type[M], path: Path) -> M:
+    """Read ``path`` and parse it as ``model``; every problem in one ConfigError."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -772,4 +797,4 @@ def load(path: Path) -> Config:
                 "save the file as UTF-8"
             ],
         ) from None
-    return parse(text, str(path))
+    return parse_as(model, text, str(path))

@@ -1,0 +1,340 @@
+"""What travels between the central run and an agent, and how it is checked.
+
+The desired document is signed with the publisher key (Ed25519) that the
+central run keeps in its state store; an agent holds only the public key. The
+envelope carries the document's exact bytes, so the signature covers what is
+parsed and nothing has to be canonicalised again. Each document has a
+sequence number: an agent refuses one older than what it applied (a replay),
+and one with the sequence it applied but other content.
+
+The report is what an agent says of itself: public certificates, the CSR it
+waits on, the sequence it applied, and its last error. It is input from the
+cluster, checked by whoever reads it; it never holds a private key."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from trustmgr.errors import BadInputError, BadMaterialError
+
+KIND_DESIRED = "trustmgr.io/desired"
+KIND_REPORT = "trustmgr.io/report"
+VERSION = 1
+MAX_DOCUMENT = 512 * 1024
+"""Far above any real document (a bundle of a few roots), far below what would hurt."""
+
+
+class DocumentError(BadInputError):
+    """A desired document an agent must not act on: one line saying why."""
+
+
+@dataclass(frozen=True)
+class Signer:
+    """How the agent gets its CSR signed: ``central`` (it publishes the CSR and the
+    central run signs it), or itself through the mesh's provider (``vault``,
+    ``acmPca``) with its own identity. ``settings`` are the provider's
+    connection settings, without credentials; ``generation`` the issuer a root
+    rotation brought in ("" for the provider's own)."""
+
+    kind: str
+    provider: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    generation: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "provider": self.provider,
+            "settings": self.settings,
+            "generation": self.generation,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Signer:
+        return cls(
+            str(data["kind"]),
+            str(data["provider"]),
+            dict(data.get("settings") or {}),
+            str(data.get("generation") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class Signed:
+    """The central run's answer to an agent's CSR."""
+
+    csr: str
+    """SHA-256 of the CSR's DER, so the agent matches it to the key it holds."""
+    chain: str
+    """PEM: the cluster CA first, then each issuer, without the root."""
+    root: str
+    """PEM: the root the chain ends under."""
+
+
+@dataclass(frozen=True)
+class Desired:
+    """One agent cluster's desired state, as the central run publishes it."""
+
+    cluster: str
+    mesh: str
+    trust_domain: str
+    bundle: str
+    """root-cert.pem exactly as the cluster should hold it."""
+    signing_roots: tuple[str, ...]
+    """SHA-256 fingerprints: the cluster CA must chain to one of them."""
+    key_algorithm: str
+    ttl: timedelta
+    renew_before: timedelta
+    signer: Signer
+    organization: str | None = None
+    signed: Signed | None = None
+    phase: str = ""
+    """The root rotation phase this document belongs to, for reports ("" none)."""
+    sequence: int = 0
+
+    def content(self) -> dict[str, Any]:
+        """Everything but the sequence: equal content needs no new publication."""
+        return {
+            "cluster": self.cluster,
+            "mesh": self.mesh,
+            "trustDomain": self.trust_domain,
+            "bundle": self.bundle,
+            "signingRoots": list(self.signing_roots),
+            "keyAlgorithm": self.key_algorithm,
+            "ttlSeconds": int(self.ttl.total_seconds()),
+            "renewBeforeSeconds": int(self.renew_before.total_seconds()),
+            "organization": self.organization,
+            "signer": self.signer.to_json(),
+            "signed": None
+            if self.signed is None
+            else {"csr": self.signed.csr, "chain": self.signed.chain, "root": self.signed.root},
+            "phase": self.phase,
+        }
+
+    def same_content(self, other: Desired | None) -> bool:
+        return other is not None and self.content() == other.content()
+
+    def with_sequence(self, sequence: int) -> Desired:
+        return replace(self, sequence=sequence)
+
+    def to_bytes(self) -> bytes:
+        body = {"kind": KIND_DESIRED, "version": VERSION, "sequence": self.sequence}
+        return json.dumps({**body, **self.content()}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: Any) -> Desired:
+        signed = data.get("signed")
+        return cls(
+            cluster=str(data["cluster"]),
+            mesh=str(data["mesh"]),
+            trust_domain=str(data["trustDomain"]),
+            bundle=str(data["bundle"]),
+            signing_roots=tuple(str(f) for f in data["signingRoots"]),
+            key_algorithm=str(data["keyAlgorithm"]),
+            ttl=timedelta(seconds=int(data["ttlSeconds"])),
+            renew_before=timedelta(seconds=int(data["renewBeforeSeconds"])),
+            signer=Signer.from_json(data["signer"]),
+            organization=None if data.get("organization") is None else str(data["organization"]),
+            signed=None
+            if signed is None
+            else Signed(str(signed["csr"]), str(signed["chain"]), str(signed["root"])),
+            phase=str(data.get("phase") or ""),
+            sequence=int(data["sequence"]),
+        )
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """SHA-256 of the public key's raw bytes, hex: how documents name their key."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def public_key_pem(public: Ed25519PublicKey) -> bytes:
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_public_key(data: bytes, source: str) -> Ed25519PublicKey:
+    """An Ed25519 public key in PEM (what ``trustmgr agent publisher-key`` prints)."""
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise BadMaterialError(
+            f"{source}: not a PEM public key; use what `trustmgr agent publisher-key` prints"
+        ) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BadMaterialError(
+            f"{source}: the publisher key is Ed25519; use what `trustmgr agent publisher-key` "
+            "prints"
+        )
+    return key
+
+
+def seal(desired: Desired, key: Ed25519PrivateKey) -> bytes:
+    """The envelope published for the agent."""
+    payload = desired.to_bytes()
+    envelope = {
+        "payload": base64.b64encode(payload).decode(),
+        "key": key_id(key.public_key()),
+        "signature": base64.b64encode(key.sign(payload)).decode(),
+    }
+    return json.dumps(envelope, sort_keys=True).encode()
+
+
+def digest(envelope: bytes) -> str:
+    return hashlib.sha256(envelope).hexdigest()
+
+
+def unseal(data: bytes, key: Ed25519PublicKey | None, *, where: str) -> Desired:
+    """The document in ``data``, its signature checked with ``key`` (None: read
+    without checking, which only the central run does with its own publication).
+    Raises DocumentError with one line."""
+    if len(data) > MAX_DOCUMENT:
+        raise DocumentError(f"{where}: the desired document is over {MAX_DOCUMENT} bytes")
+    try:
+        envelope = json.loads(data)
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        signature = base64.b64decode(envelope["signature"], validate=True)
+        signed_by = str(envelope["key"])
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise DocumentError(
+            f"{where}: not a signed trustmgr desired document; the central run publishes it "
+            "again at its next pass"
+        ) from None
+    if key is not None:
+        if signed_by != key_id(key):
+            raise DocumentError(
+                f"{where}: the desired document is signed by publisher key {signed_by[:16]}…, "
+                f"this agent trusts {key_id(key)[:16]}…: refusing it; give the agent the key "
+                "`trustmgr agent publisher-key` prints"
+            )
+        try:
+            key.verify(signature, payload)
+        except InvalidSignature:
+            raise DocumentError(
+                f"{where}: the desired document's signature does not verify: refusing a "
+                "tampered document; nothing was changed"
+            ) from None
+    try:
+        data_ = json.loads(payload)
+        if data_.get("kind") != KIND_DESIRED or data_.get("version") != VERSION:
+            raise ValueError("kind")
+        return Desired.from_json(data_)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DocumentError(
+            f"{where}: the desired document is signed but not one this trustmgr reads "
+            f"(kind {KIND_DESIRED}, version {VERSION}); use the same trustmgr version centrally "
+            "and in the cluster"
+        ) from None
+
+
+def check_sequence(
+    desired: Desired, envelope_digest: str, applied: int, applied_digest: str
+) -> None:
+    """Refuse a replayed document: older than the one applied, or another with its number."""
+    if desired.sequence < applied:
+        raise DocumentError(
+            f"the desired document has sequence {desired.sequence}, older than the applied "
+            f"{applied}: refusing a replayed document; nothing was changed"
+        )
+    if desired.sequence == applied and applied_digest and envelope_digest != applied_digest:
+        raise DocumentError(
+            f"the desired document has sequence {desired.sequence}, already applied with other "
+            "content: refusing a replayed or forged document; nothing was changed"
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an agent reports of its cluster: public material only."""
+
+    cluster: str
+    sequence: int = 0
+    """The desired document's sequence it applied (0: none yet)."""
+    ca_cert: str = ""
+    cert_chain: str = ""
+    root_cert: str = ""
+    problems: tuple[str, ...] = ()
+    """What the agent found wrong with its cacerts (it alone can check the key)."""
+    csr: str = ""
+    """PEM CSR waiting for the central run to sign it ("" none)."""
+    phase: str = ""
+    error: str = ""
+    """The agent's last error, one line ("" none)."""
+    reported_at: datetime | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "kind": KIND_REPORT,
+                "version": VERSION,
+                "cluster": self.cluster,
+                "sequence": self.sequence,
+                "caCert": self.ca_cert,
+                "certChain": self.cert_chain,
+                "rootCert": self.root_cert,
+                "problems": list(self.problems),
+                "csr": self.csr,
+                "phase": self.phase,
+                "error": self.error,
+                "reportedAt": self.reported_at.isoformat() if self.reported_at else None,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def parse(cls, data: bytes, *, where: str) -> Report:
+        if len(data) > MAX_DOCUMENT:
+            raise BadMaterialError(f"{where}: the agent's report is over {MAX_DOCUMENT} bytes")
+        try:
+            d = json.loads(data)
+            if d.get("kind") != KIND_REPORT or d.get("version") != VERSION:
+                raise ValueError("kind")
+            at = d.get("reportedAt")
+            report = cls(
+                cluster=str(d["cluster"]),
+                sequence=int(d["sequence"]),
+                ca_cert=str(d.get("caCert") or ""),
+                cert_chain=str(d.get("certChain") or ""),
+                root_cert=str(d.get("rootCert") or ""),
+                problems=tuple(str(p)[:300] for p in d.get("problems") or ()),
+                csr=str(d.get("csr") or ""),
+                phase=str(d.get("phase") or ""),
+                error=str(d.get("error") or "")[:500],
+                reported_at=datetime.fromisoformat(at) if at else None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BadMaterialError(
+                f"{where}: not a trustmgr agent report; the agent writes it again at its next pass"
+            ) from None
+        if "PRIVATE KEY" in data.decode(errors="replace"):
+            raise BadMaterialError(
+                f"{where}: the agent's report holds a private key; refusing to read it"
+            )
+        return report
+
+    def csr_request(self) -> x509.CertificateSigningRequest | None:
+        if not self.csr:
+            return None
+        try:
+            return x509.load_pem_x509_csr(self.csr.encode())
+        except ValueError:
+            raise BadMaterialError(
+                f"cluster {self.cluster}: the agent's CSR is not a PEM CSR"
+            ) from None
+
+
+def csr_digest(csr: x509.CertificateSigningRequest) -> str:
+    return hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest()
