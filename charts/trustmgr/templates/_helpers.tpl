@@ -115,10 +115,13 @@ restarts.
 {{- if and (eq .Values.mode "daemon") (gt (int .Values.daemon.replicas) 1) }}true{{ end }}
 {{- end }}
 
-{{/* The pod reaches its own cluster's API: state Secret, Lease, cacerts. */}}
+{{/* The pod reaches its own cluster's API: state Secret, Lease, cacerts; the agent always. */}}
 {{- define "trustmgr.usesKubeApi" -}}
+{{- if eq .Values.mode "agent" }}true
+{{- else }}
 {{- $targets := (include "trustmgr.targets" . | fromJson).targets }}
 {{- if or (eq .Values.stateStore.type "kubernetes") $targets (include "trustmgr.leaderElection" .) }}true{{ end }}
+{{- end }}
 {{- end }}
 
 {{/* trustmgr.yaml: `config` with stateStore and daemon written by the chart. */}}
@@ -137,6 +140,29 @@ restarts.
 {{- $_ := set $config "daemon" $daemon }}
 {{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/* agent.yaml, the agent's own file (trustmgr.agent.config.AgentConfig), from `agent`. */}}
+{{- define "trustmgr.agentConfig" -}}
+{{- $agent := .Values.agent }}
+{{- $kubernetes := dict "inCluster" true "namespace" $agent.namespace "secretName" $agent.secretName "istiodDeployment" $agent.istiodDeployment }}
+{{- $config := dict "cluster" $agent.cluster "publisherKey" $agent.publisherKey "kubernetes" $kubernetes "interval" $agent.interval "jitter" $agent.jitter }}
+{{- with $agent.istio }}
+{{- $_ := set $config "istio" (deepCopy .) }}
+{{- end }}
+{{- with $agent.providers }}
+{{- $_ := set $config "providers" (deepCopy .) }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* The file the pod reads: agent.yaml in mode agent, trustmgr.yaml otherwise. */}}
+{{- define "trustmgr.podConfig" -}}
+{{- if eq .Values.mode "agent" }}
+{{- include "trustmgr.agentConfig" . }}
+{{- else }}
+{{- include "trustmgr.config" . }}
+{{- end }}
 {{- end }}
 
 {{/* The pod ------------------------------------------------------------------ */}}
@@ -206,9 +232,16 @@ containers:
     resources:
       {{- toYaml .Values.resources | nindent 6 }}
     volumeMounts:
+      {{- if eq .Values.mode "agent" }}
+      - name: config
+        mountPath: /etc/trustmgr/agent.yaml
+        subPath: agent.yaml
+        readOnly: true
+      {{- else }}
       - name: config
         mountPath: /etc/trustmgr/config
         readOnly: true
+      {{- end }}
       - name: tmp
         mountPath: /tmp
       {{- if include "trustmgr.usesKubeApi" . }}
@@ -248,9 +281,10 @@ volumes:
   - name: config
     configMap:
       name: {{ include "trustmgr.configMapName" . }}
+      {{- $file := ternary "agent.yaml" "trustmgr.yaml" (eq .Values.mode "agent") }}
       items:
-        - key: trustmgr.yaml
-          path: trustmgr.yaml
+        - key: {{ $file }}
+          path: {{ $file }}
   - name: tmp
     emptyDir:
       medium: Memory
@@ -342,6 +376,12 @@ topologySpreadConstraints:
 
 {{/* Values that the schema cannot judge alone. */}}
 {{- define "trustmgr.validate" -}}
+{{- if eq .Values.mode "agent" }}
+{{- include "trustmgr.validateAgent" . }}
+{{- else }}
+{{- if .Values.agent.cluster }}
+{{- fail (printf "agent.cluster is set but mode is %s; set mode: agent to run the agent in this cluster, or drop agent" .Values.mode) }}
+{{- end }}
 {{- if and (not .Values.existingConfigMap) (not .Values.config.meshes) }}
 {{- fail "set config (providers and meshes, as in docs/configuration.md) or existingConfigMap" }}
 {{- end }}
@@ -353,5 +393,38 @@ topologySpreadConstraints:
 {{- end }}
 {{- if and (eq .Values.stateStore.type "kubernetes") .Values.stateStore.vault }}
 {{- fail "stateStore.vault is set but stateStore.type is kubernetes; set type: vault, or drop stateStore.vault" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Mode agent: what it needs, and the central run's values, which it would silently ignore. */}}
+{{- define "trustmgr.validateAgent" -}}
+{{- $agent := .Values.agent }}
+{{- if not $agent.cluster }}
+{{- fail "mode agent needs agent.cluster: this cluster's name in the central configuration (the cluster whose mode is agent there)" }}
+{{- end }}
+{{- if not (trim $agent.publisherKey) }}
+{{- fail "mode agent needs agent.publisherKey: the PEM public key that `trustmgr agent publisher-key` prints where the central run runs" }}
+{{- end }}
+{{- if contains "PRIVATE KEY" $agent.publisherKey }}
+{{- fail "agent.publisherKey holds a PRIVATE key; it would be readable in a ConfigMap. Give the agent only the public key that `trustmgr agent publisher-key` prints, and keep the private key with the central run" }}
+{{- end }}
+{{- if not (regexMatch `^\s*-----BEGIN PUBLIC KEY-----\s+[A-Za-z0-9+/=\s]+-----END PUBLIC KEY-----\s*$` $agent.publisherKey) }}
+{{- fail "agent.publisherKey is not one PEM public key (-----BEGIN PUBLIC KEY----- ... -----END PUBLIC KEY-----); use what `trustmgr agent publisher-key` prints" }}
+{{- end }}
+{{- if or .Values.config .Values.existingConfigMap }}
+{{- fail "mode agent does not read config or existingConfigMap: meshes, providers and rotation stay with the central run; the agent's own settings are under agent" }}
+{{- end }}
+{{- if or (ne .Values.stateStore.type "kubernetes") .Values.stateStore.kubernetes.name .Values.stateStore.vault }}
+{{- fail "mode agent keeps no state store (its own record is the Secret trustmgr-agent beside cacerts); drop stateStore" }}
+{{- end }}
+{{- if .Values.passphrase.existingSecret }}
+{{- fail "mode agent holds no root key and needs no passphrase; drop passphrase.existingSecret" }}
+{{- end }}
+{{- if .Values.remoteClusters }}
+{{- fail "mode agent writes only the cluster it runs in; drop remoteClusters (each cluster runs its own agent)" }}
+{{- end }}
+{{- if .Values.rbac.targets }}
+{{- fail "mode agent grants its own Role in agent.namespace, from agent.secretName and agent.istio; drop rbac.targets" }}
 {{- end }}
 {{- end }}
