@@ -74,8 +74,8 @@ class Request:
 
 
 def scrub(text: str, limit: int = 300) -> str:
-    """``text`` without PEM blocks or long base64-like runs, and not too long."""
-    text = _LONG_TOKEN.sub("[redacted]", _PEM.sub("[redacted]", text))
+    """``text`` without PEM blocks or long base64-like runs, on one line, and not too long."""
+    text = " ".join(_LONG_TOKEN.sub("[redacted]", _PEM.sub("[redacted]", text)).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
