@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import urllib3
 import yaml
@@ -73,9 +74,20 @@ class Request:
         return f'{self.verb} on {self.resource} "{self.name}" in namespace {self.namespace}'
 
 
+SECRETS = "/api/v1/namespaces/{namespace}/secrets"
+CONFIGMAPS = "/api/v1/namespaces/{namespace}/configmaps"
+
+
+def object_path(collection: str, namespace: str, name: str | None = None) -> str:
+    """The URL path of ``collection`` (e.g. :data:`SECRETS`) in ``namespace``, or of the
+    object ``name`` in it; both quoted."""
+    path = collection.format(namespace=quote(namespace, safe=""))
+    return f"{path}/{quote(name, safe='')}" if name is not None else path
+
+
 def scrub(text: str, limit: int = 300) -> str:
-    """``text`` without PEM blocks or long base64-like runs, and not too long."""
-    text = _LONG_TOKEN.sub("[redacted]", _PEM.sub("[redacted]", text))
+    """``text`` without PEM blocks or long base64-like runs, on one line, and not too long."""
+    text = " ".join(_LONG_TOKEN.sub("[redacted]", _PEM.sub("[redacted]", text)).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 from trustmgr.config import KubernetesTargetConfig
 from trustmgr.errors import TargetConflictError, TargetError, TransientTargetError
@@ -33,7 +32,7 @@ from trustmgr.targets.base import (
     Previous,
     secret_manifest,
 )
-from trustmgr.targets.kubeapi import KubeApi, NotFoundError, Request
+from trustmgr.targets.kubeapi import SECRETS, KubeApi, NotFoundError, Request, object_path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ REPLACED_BY = "trustmgr.io/replaced-by"
 """On the backup: the digest annotation of the cacerts written in the kept one's place."""
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
-SECRETS = "/api/v1/namespaces/{namespace}/secrets"
 DEPLOYMENTS = "/apis/apps/v1/namespaces/{namespace}/deployments"
 
 
@@ -289,8 +287,7 @@ class KubernetesTarget:
         }
 
     def _path(self, collection: str, name: str | None = None) -> str:
-        path = collection.format(namespace=quote(self.namespace, safe=""))
-        return f"{path}/{quote(name, safe='')}" if name is not None else path
+        return object_path(collection, self.namespace, name)
 
     def _get(self, name: str) -> _Secret | None:
         request = Request("get", "secrets", name, self.namespace)
