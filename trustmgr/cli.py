@@ -318,7 +318,7 @@ def _report(
                         "error": o.error,
                         "istiod": o.istiod,
                         "started": o.started,
-                        "target": ws.targets[o.cluster].description,
+                        "target": ws.description(o.cluster),
                     }
                     for o in report.outcomes
                 ],
@@ -345,7 +345,7 @@ def _report_table(report: Report, ws: Workspace, *, verbose: bool) -> None:
             if verbose:
                 click.echo(f"{'unchanged':<13} {o.cluster}")
         elif o.ok:
-            where = ws.targets[o.cluster].description
+            where = ws.description(o.cluster)
             click.echo(f"{o.action:<13} {o.cluster} ({o.reason}) -> {where}{istiod}")
         elif not o.started:
             click.echo(f"{'not started':<13} {o.cluster}", err=True)
@@ -565,6 +565,68 @@ def daemon(obj: Context, once: bool, log_format: str, workers: int) -> None:
         runner.stop = stop
         runner.run()
     sys.exit(128 + received[0] if received else EXIT_OK)
+
+
+@cli.group("agent")
+def agent_group() -> None:
+    """Agent mode: the cluster CA key is made in its cluster (docs/agent.md)."""
+
+
+@agent_group.command("publisher-key")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the PEM here instead.")
+@click.pass_obj
+def agent_publisher_key(obj: Context, out: Path | None) -> None:
+    """Print the public key agents check desired documents with (made on first use)."""
+    from trustmgr.agent.document import key_id, public_key_pem
+
+    with obj.workspace() as ws:
+        key = ws.publisher()
+        if key is None:
+            with ws.store.lock():
+                key = ws.publisher(create=True)
+        assert key is not None
+        data = public_key_pem(key.public_key())
+    if out is not None:
+        _write_output(out, data)
+        click.echo(f"wrote {out} (key {key_id(key.public_key())[:16]}…)", err=True)
+    else:
+        click.echo(data.decode(), nl=False)
+
+
+@agent_group.command("run")
+@click.option(
+    "--once", is_flag=True, help="Run one pass and exit: 0 converged or waiting, else 1 or 2."
+)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.pass_obj
+def agent_run(obj: Context, once: bool, log_format: str) -> None:
+    """Keep this cluster's cacerts as the central run's desired document says,
+    with a CA key made here (the configuration is the agent's: docs/agent.md)."""
+    from trustmgr.agent import config as agent_config
+    from trustmgr.agent.run import Agent, run_forever
+
+    if log_format == "json":
+        from trustmgr.logs import use_json
+
+        use_json()
+    logging.getLogger("trustmgr").setLevel(
+        min(logging.INFO, logging.getLogger("trustmgr").getEffectiveLevel())
+    )
+    config = agent_config.load(obj.config_path)
+    agent = Agent.build(config, clock=now_utc)
+    try:
+        if once:
+            result = agent.run_once()
+            if result.error:
+                click.echo(f"trustmgr: {result.error}", err=True)
+            sys.exit(result.exit_code)
+        with stopping_on_signals() as (stop, received):
+            run_forever(agent, stop)
+        sys.exit(128 + received[0] if received else EXIT_OK)
+    finally:
+        agent.close()
 
 
 @cli.group()

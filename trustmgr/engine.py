@@ -269,8 +269,13 @@ class Rollback:
 def rollback(ws: Workspace, cluster: str) -> Rollback:
     """Put back the cacerts the cluster held before trustmgr's last write, with
     the same write rules; refuses material istiod would reject."""
+    if cluster in ws.exchanges:
+        raise BadInputError(
+            f"cluster {cluster} is in agent mode: only its agent writes its cacerts, and the "
+            "previous one is kept in the cluster (docs/agent.md, rollback)"
+        )
     if cluster not in ws.targets:
-        known = ", ".join(ws.targets)
+        known = ", ".join(ws.meshes_of)
         raise BadInputError(f"unknown cluster {cluster!r} (known: {known})")
     target = ws.targets[cluster]
     if not isinstance(target, Rollbackable):

@@ -24,11 +24,26 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 
-from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
-from trustmgr.errors import TargetConflictError, TargetError, TrustmgrError
+from trustmgr.agent.document import Report as AgentReport
+from trustmgr.agent.document import Signed, csr_digest, seal
+from trustmgr.bundles import TrustBundle, fingerprint, load_certificates, pem
+from trustmgr.errors import (
+    BadMaterialError,
+    ProviderAnswerError,
+    TargetConflictError,
+    TargetError,
+    TrustmgrError,
+)
 from trustmgr.federation import order_bundle
 from trustmgr.observe import Observation, Reading, read_cluster
-from trustmgr.pki import CACerts, assemble, check_signed_ca, cluster_ca_request, observe
+from trustmgr.pki import (
+    CACerts,
+    assemble,
+    check_signed_ca,
+    cluster_ca_request,
+    csr_problems,
+    observe,
+)
 from trustmgr.planner import Action, ClusterPlan, DesiredCluster, Plan, Reload, plan_cluster
 from trustmgr.providers import ProviderError, ProviderTransientError, RootKeeper
 from trustmgr.state.model import BundleRecord, ClusterRecord, State
@@ -77,7 +92,7 @@ class Report:
         return (
             bool(self.roots_created)
             or bool(self.plan.rotation_changes)
-            or any(o.ok and o.action is not Action.NONE for o in self.outcomes)
+            or any(o.ok and o.action.changes for o in self.outcomes)
         )
 
 
@@ -122,7 +137,7 @@ def preflight(ws: Workspace, plan: Plan) -> None:
     unlocking = [ws.providers[p.provider] for p in plan.providers if p.create_root] + [
         ws.incoming[c.desired.incoming] if c.desired.incoming else ws.providers[c.desired.provider]
         for c in plan.clusters
-        if c.desired is not None and c.action in (Action.ISSUE, Action.RENEW)
+        if c.desired is not None and c.action in (Action.ISSUE, Action.RENEW, Action.SIGN)
     ]
     for step in plan.rotations:
         if step.started and not step.record.mesh:
@@ -157,6 +172,10 @@ def execute(
             log.info("created the root of provider %s", p.provider)
             created.append(p.provider)
     saved = _record_rotations(ws, plan, fence)
+    if any(c.document is not None and c.changes for c in plan.clusters) and ws.publisher() is None:
+        fence()
+        ws.publisher(create=True)
+        log.info("created the publisher key of desired documents")
     results = _apply_all(ws, plan, observation, workers, stop, progress, fence)
     state = saved if saved is not None else ws.store.load()
     new_state = _with_imports(state, observation)
@@ -212,9 +231,9 @@ def _apply_all(
 ) -> list[tuple[ClusterOutcome, ClusterRecord | None]]:
     """Every cluster's outcome, in plan order; pending ones worked on in parallel."""
     results: dict[str, tuple[ClusterOutcome, ClusterRecord | None]] = {
-        c.cluster: (outcome(c, ok=True), None) for c in plan.clusters if not c.pending
+        c.cluster: (outcome(c, ok=True), None) for c in plan.clusters if not c.changes
     }
-    pending = [c for c in plan.clusters if c.pending]
+    pending = [c for c in plan.clusters if c.changes]
 
     def work(c: ClusterPlan) -> tuple[ClusterOutcome, ClusterRecord | None]:
         if stop.is_set():
@@ -257,6 +276,8 @@ def _apply_cluster(
     never overwritten blindly; a CA issued for it is kept across such retries."""
     assert c.desired is not None
     d = c.desired
+    if c.action in (Action.PUBLISH, Action.SIGN):
+        return _publish(ws, c, d, reading, fence), None
     target = ws.targets[c.cluster]
     issued: CACerts | None = None
     for _ in range(CONFLICT_ATTEMPTS):
@@ -306,6 +327,54 @@ def _apply_cluster(
             "conflicts); nothing was overwritten; run again",
         ), None
     return _restart_if_needed(ws, c, target, fence), _record(ws, material, d)
+
+
+def _publish(
+    ws: Workspace, c: ClusterPlan, d: DesiredCluster, reading: Reading, fence: Fence
+) -> ClusterOutcome:
+    """Publish an agent-mode cluster's desired document (with the answer to the
+    agent's CSR for SIGN), numbered past anything the exchange has seen."""
+    assert c.document is not None and reading.agent is not None
+    view = reading.agent
+    document = c.document
+    try:
+        if c.action is Action.SIGN:
+            assert view.report is not None
+            document = replace(document, signed=_sign_for_agent(ws, d, view.report))
+        key = ws.publisher()
+        assert key is not None, "execute makes the publisher key before any publication"
+        sequence = max(view.published_sequence, view.report.sequence if view.report else 0) + 1
+        fence()
+        ws.exchanges[c.cluster].publish(seal(document.with_sequence(sequence), key))
+    except (TrustmgrError, ProviderError) as exc:
+        log.warning("cluster %s: %s", c.cluster, exc, extra=_fields(c))
+        return outcome(c, ok=False, error=str(exc))
+    log.info("cluster %s: published sequence %d", c.cluster, sequence, extra=_fields(c))
+    return outcome(c, ok=True)
+
+
+def _sign_for_agent(ws: Workspace, d: DesiredCluster, report: AgentReport) -> Signed:
+    """Sign the CSR an agent published, after checking it asks for exactly its
+    cluster CA; the answer is checked as any provider's."""
+    csr = report.csr_request()
+    assert csr is not None
+    problems = csr_problems(csr, d.trust_domain, d.key_algorithm)
+    if problems:
+        raise BadMaterialError(
+            f"cluster {d.name}: the agent's CSR {problems[0]}; refusing to sign it"
+        )
+    provider = ws.incoming[d.incoming] if d.incoming else ws.providers[d.provider]
+    answer = provider.sign_ca(csr, d.ttl)
+    root = check_signed_ca(answer, csr, d.trust_domain, provider=d.provider, now=ws.clock())
+    if fingerprint(root) not in d.own_roots:
+        raise ProviderAnswerError(
+            f"provider {d.provider} signed under a root the cluster may not be under now"
+        )
+    return Signed(
+        csr_digest(csr),
+        b"".join(pem(cert) for cert in answer.chain).decode(),
+        pem(root).decode(),
+    )
 
 
 def _record(ws: Workspace, material: CACerts, d: DesiredCluster) -> ClusterRecord:

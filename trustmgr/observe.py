@@ -21,11 +21,13 @@ from enum import StrEnum
 from cryptography import x509
 
 from trustmgr import external, spiffe
-from trustmgr.errors import TargetError
-from trustmgr.pki import CACerts, ObservedCA, observe
+from trustmgr.agent.document import Desired, DocumentError, Report, unseal
+from trustmgr.errors import BadMaterialError, TargetError, TrustmgrError
+from trustmgr.pki import CACerts, ObservedCA, observe, observe_public
 from trustmgr.providers import Provider, RootKeeper
 from trustmgr.spiffe import SpiffeBundle
 from trustmgr.state.model import State
+from trustmgr.targets import Target
 from trustmgr.workspace import Workspace
 
 
@@ -56,6 +58,8 @@ class Reading:
     ``ca.digest`` when the material is exactly what trustmgr wrote."""
     exposed: str | None = None
     """Why the CA key can be read by others than its owner, if it can."""
+    agent: AgentView | None = None
+    """For a cluster in agent mode: its exchange, as read."""
 
     @property
     def untouched(self) -> bool:
@@ -70,6 +74,21 @@ class Reading:
 
 def unreadable(error: str) -> Reading:
     return Reading(None, None, Owner.NOBODY, error=error)
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """An agent-mode cluster's exchange: what the central run published there and
+    what the agent reported. Only public material: the key stays in the cluster."""
+
+    published: Desired | None
+    """The desired document there, if the publisher key's signature holds."""
+    published_sequence: int = 0
+    """Its sequence, even if it could not be trusted (the next one goes beyond it)."""
+    published_problem: str | None = None
+    """Why what is there cannot stand (tampered, unreadable): published again."""
+    report: Report | None = None
+    report_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,14 +119,20 @@ class Observation:
 def read_cluster(ws: Workspace, cluster: str) -> Reading:
     """Read one target; a failure to read is part of what is read."""
     trust_domain = ws.config.meshes[ws.meshes_of[cluster]].trust_domain
-    target = ws.targets[cluster]
+    if cluster in ws.exchanges:
+        return read_agent(ws, cluster, trust_domain)
+    return read_target(ws.targets[cluster], trust_domain, ws.clock())
+
+
+def read_target(target: Target, trust_domain: str, now: datetime) -> Reading:
+    """What ``target`` holds, checked for ``trust_domain`` at ``now``."""
     try:
         material = target.read()
     except TargetError as exc:
         return unreadable(str(exc))
     if material is None:
         return Reading(None, None, Owner.NOBODY)
-    ca = observe(material, trust_domain=trust_domain, now=ws.clock())
+    ca = observe(material, trust_domain=trust_domain, now=now)
     foreign = target.foreign
     return Reading(
         material,
@@ -119,9 +144,49 @@ def read_cluster(ws: Workspace, cluster: str) -> Reading:
     )
 
 
+def read_agent(ws: Workspace, cluster: str, trust_domain: str) -> Reading:
+    """An agent-mode cluster, from its exchange: the agent's report stands for
+    the target (its public part), the publication is checked with the publisher key."""
+    exchange = ws.exchanges[cluster]
+    try:
+        published_bytes = exchange.read_desired()
+        report_bytes = exchange.read_report()
+        key = ws.publisher()
+    except TrustmgrError as exc:
+        return unreadable(str(exc))
+    published, sequence, problem = None, 0, None
+    if published_bytes is not None:
+        try:
+            sequence = unseal(published_bytes, None, where=exchange.where).sequence
+            if key is None:
+                raise DocumentError(f"{exchange.where}: signed with a key this state does not hold")
+            published = unseal(published_bytes, key.public_key(), where=exchange.where)
+        except DocumentError as exc:
+            problem = str(exc)
+    report, report_problem = None, None
+    if report_bytes is not None:
+        try:
+            report = Report.parse(report_bytes, where=exchange.where)
+            if report.cluster != cluster:
+                raise BadMaterialError(
+                    f"{exchange.where}: the report is of cluster {report.cluster}"
+                )
+        except BadMaterialError as exc:
+            report, report_problem = None, str(exc)
+    view = AgentView(published, sequence, problem, report, report_problem)
+    if report is None or not report.ca_cert:
+        return Reading(None, None, Owner.NOBODY, agent=view)
+    public = CACerts(
+        report.ca_cert.encode(), b"", report.cert_chain.encode(), report.root_cert.encode()
+    )
+    ca = observe_public(public, trust_domain=trust_domain, now=ws.clock(), reported=report.problems)
+    # The agent is trustmgr: what it holds is what it wrote.
+    return Reading(None, ca, Owner.TRUSTMGR, stamp=ca.digest, agent=view)
+
+
 def read_clusters(ws: Workspace, workers: int = 16) -> dict[str, Reading]:
     """Read every target, ``workers`` at a time."""
-    names = list(ws.targets)
+    names = list(ws.meshes_of)
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names)))) as pool:
         return dict(zip(names, pool.map(lambda c: read_cluster(ws, c), names), strict=True))
 

@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from cryptography import x509
@@ -88,6 +88,43 @@ def cluster_ca_request(
         .sign(key, algorithm.signature_hash())
     )
     return ClusterCARequest(key, csr)
+
+
+def csr_problems(
+    csr: x509.CertificateSigningRequest, trust_domain: str, algorithm: KeyAlgorithm
+) -> list[str]:
+    """Why a CSR an agent published is not a cluster CA request for
+    ``trust_domain`` as :func:`cluster_ca_request` makes it (empty: none)."""
+    if not csr.is_signature_valid:
+        return ["is not signed by its own key"]
+    problems = []
+    if key_algorithm_of(csr.public_key()) is not algorithm:
+        problems.append(
+            f"has a {key_algorithm_of(csr.public_key()) or 'other'} key, not {algorithm}"
+        )
+    exts = {type(e.value): e.value for e in csr.extensions}
+    bc = exts.get(x509.BasicConstraints)
+    if not isinstance(bc, x509.BasicConstraints) or not bc.ca or bc.path_length != 0:
+        problems.append("does not ask for a CA with path length 0")
+    san = exts.get(x509.SubjectAlternativeName)
+    uris = (
+        san.get_values_for_type(x509.UniformResourceIdentifier)
+        if isinstance(san, x509.SubjectAlternativeName)
+        else []
+    )
+    if uris != [spiffe_uri(trust_domain)]:
+        problems.append(f"names {uris or 'no URI'}, not exactly {spiffe_uri(trust_domain)}")
+    nc = exts.get(x509.NameConstraints)
+    subtrees = list(nc.permitted_subtrees or ()) if isinstance(nc, x509.NameConstraints) else []
+    if (
+        not isinstance(nc, x509.NameConstraints)
+        or nc.excluded_subtrees
+        or len(subtrees) != 1
+        or not isinstance(subtrees[0], x509.UniformResourceIdentifier)
+        or subtrees[0].value != trust_domain
+    ):
+        problems.append(f"does not constrain names to exactly the trust domain {trust_domain}")
+    return problems
 
 
 def _ext(
@@ -212,7 +249,7 @@ def _issuer_problems(cert: x509.Certificate, cas_below: int, *, now: datetime) -
 
 def check_signed_ca(
     answer: SignedCA,
-    request: ClusterCARequest,
+    request: ClusterCARequest | x509.CertificateSigningRequest,
     trust_domain: str,
     *,
     provider: str,
@@ -233,7 +270,8 @@ def check_signed_ca(
     if not answer.roots:
         raise ProviderAnswerError(f"provider {provider} reported no roots")
     ca = answer.chain[0]
-    if not same_public_key(ca.public_key(), request.csr.public_key()):
+    csr = request.csr if isinstance(request, ClusterCARequest) else request
+    if not same_public_key(ca.public_key(), csr.public_key()):
         problems.append("the issued certificate's public key is not the CSR's")
     problems += [f"the issued CA {p}" for p in cluster_ca_problems(ca, trust_domain, now=now)]
     for child, parent in itertools.pairwise(answer.chain):
@@ -416,8 +454,9 @@ def _path_to_root(
     return walk(leaf, [leaf])
 
 
-def istiod_problems(material: CACerts, *, now: datetime) -> list[str]:
-    """istiod's load checks on a cacerts set (FACTS: keycertbundle.go, ca.go)."""
+def istiod_problems(material: CACerts, *, now: datetime, with_key: bool = True) -> list[str]:
+    """istiod's load checks on a cacerts set (FACTS: keycertbundle.go, ca.go);
+    without ``with_key``, all but the key's (public material, as an agent reports it)."""
     problems: list[str] = []
     try:
         ca = load_certificates(material.ca_cert, "ca-cert.pem")[0]
@@ -426,9 +465,10 @@ def istiod_problems(material: CACerts, *, now: datetime) -> list[str]:
     except BadMaterialError as exc:
         return [str(exc)]
     try:
-        key = load_private_key(material.ca_key, "ca-key.pem")
-        if not same_public_key(key.public_key(), ca.public_key()):
-            problems.append("ca-key.pem does not match ca-cert.pem")
+        if with_key:
+            key = load_private_key(material.ca_key, "ca-key.pem")
+            if not same_public_key(key.public_key(), ca.public_key()):
+                problems.append("ca-key.pem does not match ca-cert.pem")
     except BadMaterialError as exc:
         problems.append(str(exc))
     if not _is_ca(ca):
@@ -522,8 +562,20 @@ def _bounds_around(material: CACerts, now: datetime) -> tuple[datetime, datetime
     return after, before
 
 
-def _observe(material: CACerts, *, trust_domain: str | None, now: datetime) -> ObservedCA:
-    problems = istiod_problems(material, now=now) + chain_problems(material)
+def observe_public(
+    material: CACerts, *, trust_domain: str | None, now: datetime, reported: tuple[str, ...] = ()
+) -> ObservedCA:
+    """What public material says (``material.ca_key`` is empty: an agent's report),
+    with the problems the agent ``reported`` of the key it alone holds."""
+    observed = _observe(material, trust_domain=trust_domain, now=now, with_key=False)
+    problems = tuple(dict.fromkeys((*observed.problems, *reported)))
+    return replace(observed, problems=problems)
+
+
+def _observe(
+    material: CACerts, *, trust_domain: str | None, now: datetime, with_key: bool = True
+) -> ObservedCA:
+    problems = istiod_problems(material, now=now, with_key=with_key) + chain_problems(material)
     try:
         ca = load_certificates(material.ca_cert, "ca-cert.pem")[0]
     except BadMaterialError:

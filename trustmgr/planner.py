@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from cryptography import x509
 
+from trustmgr.agent.document import Desired, Signed, Signer, csr_digest
 from trustmgr.bundles import TrustBundle, fingerprint
 from trustmgr.config import Config
 from trustmgr.errors import BadInputError
@@ -36,11 +37,23 @@ class Action(StrEnum):
     FAIL = "fail"
     REFUSE = "refuse"
     """The target holds cacerts trustmgr did not create; only ``--adopt`` replaces it."""
+    PUBLISH = "publish"
+    """Agent mode: publish the cluster's desired document for its agent."""
+    SIGN = "sign"
+    """Agent mode: sign the CSR the agent published, and publish the answer."""
+    AWAIT = "await-agent"
+    """Agent mode: what is published is right; the agent has yet to act on it.
+    Nothing to do here, but the cluster has not converged."""
 
     @property
     def writes(self) -> bool:
         """Whether the action writes the cluster's target."""
         return self in (Action.ISSUE, Action.RENEW, Action.UPDATE_BUNDLE)
+
+    @property
+    def changes(self) -> bool:
+        """Whether applying the plan does something for this action."""
+        return self not in (Action.NONE, Action.AWAIT)
 
 
 class Reload(StrEnum):
@@ -69,6 +82,7 @@ class DesiredCluster:
     """The operator allows replacing cacerts that trustmgr did not create."""
     incoming: str = ""
     """The rotation whose incoming authority signs (a renewed root); "" for ``provider``."""
+    organization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,10 +94,18 @@ class ClusterPlan:
     message: str
     reload: Reload = Reload.HOT
     desired: DesiredCluster | None = field(default=None, compare=False, repr=False)
+    document: Desired | None = field(default=None, compare=False, repr=False)
+    """Agent mode: the desired document to publish (without its sequence)."""
 
     @property
     def pending(self) -> bool:
+        """The cluster has not converged to what is desired."""
         return self.action is not Action.NONE
+
+    @property
+    def changes(self) -> bool:
+        """Applying the plan does something for this cluster."""
+        return self.action.changes
 
     @property
     def restarts(self) -> bool:
@@ -120,7 +142,7 @@ class Plan:
     def pending(self) -> bool:
         return (
             any(p.create_root for p in self.providers)
-            or any(c.pending for c in self.clusters)
+            or any(c.changes for c in self.clusters)
             or bool(self.rotation_changes)
         )
 
@@ -446,7 +468,134 @@ def desired_cluster(
         istio_version=cfg.istio.version,
         multi_root=cfg.istio.multi_root,
         adopt=adopt,
+        organization=inter.organization,
     )
+
+
+def signer_for(config: Config, provider: str, generation: str) -> Signer:
+    """How an agent gets its CSR signed under ``provider``: through the provider
+    itself with its own identity (Vault, AWS), or by the central run, which alone
+    holds a self-signed root."""
+    entry = config.providers[provider]
+    if entry.vault is not None:
+        v = entry.vault
+        settings = {"address": v.address, "namespace": v.namespace, "mount": v.mount}
+        if v.issuer:
+            settings["issuer"] = v.issuer
+        return Signer("vault", provider, settings, generation)
+    if entry.acm_pca is not None:
+        a = entry.acm_pca
+        return Signer(
+            "acmPca",
+            provider,
+            {
+                "certificateAuthorityArn": a.certificate_authority_arn,
+                "region": a.region,
+                "signingAlgorithm": a.signing_algorithm,
+                "templateArn": a.template_arn,
+            },
+        )
+    return Signer("central", provider, {}, generation)
+
+
+def document_for(d: DesiredCluster, signer: Signer, phase: str, signed: Signed | None) -> Desired:
+    assert d.bundle is not None
+    return Desired(
+        cluster=d.name,
+        mesh=d.mesh,
+        trust_domain=d.trust_domain,
+        bundle=d.bundle.to_pem().decode(),
+        signing_roots=d.own_roots,
+        key_algorithm=str(d.key_algorithm),
+        ttl=d.ttl,
+        renew_before=d.renew_before,
+        signer=signer,
+        organization=d.organization,
+        signed=signed,
+        phase=phase,
+    )
+
+
+def plan_agent(
+    d: DesiredCluster, r: Reading, signer: Signer, phase: str, now: datetime
+) -> ClusterPlan:
+    """An agent-mode cluster's plan. The same policies say what the cluster
+    needs, from what its agent reports; here that becomes what the central run
+    does: publish the desired document, sign the agent's CSR, or wait for the
+    agent to act on what is published."""
+    assert r.agent is not None
+    view = r.agent
+    if r.error:
+        return ClusterPlan(d.name, d.mesh, Action.FAIL, "ExchangeUnreadable", r.error, desired=d)
+    if d.bundle is None:
+        return ClusterPlan(
+            d.name,
+            d.mesh,
+            Action.FAIL,
+            "BundleIncomplete",
+            f"the trust bundle of mesh {d.mesh} is incomplete: a provider has no root",
+            desired=d,
+        )
+    inner = plan_cluster(replace(d, adopt=False), r, None, now)
+    wants_ca = inner.action in (Action.ISSUE, Action.RENEW)
+    published = view.published
+    report = view.report
+    signed = published.signed if published is not None else None
+    document = document_for(d, signer, phase, signed)
+    csr = report.csr_request() if report is not None and report.csr else None
+    if (
+        signer.kind == "central"
+        and wants_ca
+        and csr is not None
+        and (signed is None or signed.csr != csr_digest(csr))
+    ):
+        return ClusterPlan(
+            d.name,
+            d.mesh,
+            Action.SIGN,
+            inner.reason,
+            f"{inner.message}; signing the CSR the agent published",
+            desired=d,
+            document=document,
+        )
+    if not document.same_content(published):
+        why = view.published_problem or (
+            "nothing published yet"
+            if published is None and not view.published_sequence
+            else "the desired state changed"
+        )
+        return ClusterPlan(
+            d.name, d.mesh, Action.PUBLISH, "Publish", why, desired=d, document=document
+        )
+    if report is not None and report.error:
+        return ClusterPlan(
+            d.name, d.mesh, Action.AWAIT, "AgentFailing", report.error, desired=d, document=document
+        )
+    if inner.action not in (Action.NONE, Action.RECORD):
+        waiting = "its CSR" if signer.kind == "central" and wants_ca else "it to act"
+        return ClusterPlan(
+            d.name,
+            d.mesh,
+            Action.AWAIT,
+            inner.reason,
+            f"{inner.message}; waiting for {waiting}",
+            desired=d,
+            document=document,
+        )
+    assert published is not None
+    if report is None or report.sequence < published.sequence:
+        return ClusterPlan(
+            d.name,
+            d.mesh,
+            Action.AWAIT,
+            "NotApplied",
+            f"the agent has not applied sequence {published.sequence} yet",
+            desired=d,
+            document=document,
+        )
+    if inner.action is Action.RECORD:
+        return ClusterPlan(d.name, d.mesh, Action.NONE, "UpToDate", "nothing to do", desired=d)
+    return ClusterPlan(d.name, d.mesh, Action.NONE, inner.reason, inner.message, desired=d)
 
 
 CANARY_FIRST = "CanaryFirst"
@@ -781,6 +930,13 @@ def _plan_clusters(
                 own_roots=tuple(fingerprint(r) for r in rs.signing),
                 incoming=scope.key if rs.new_signer and scope.incoming else "",
             )
+        if reading.agent is not None:
+            rotating = by_mesh.get(mesh_name)
+            phase = f"{rotating.key}:{phases[rotating.key]}" if rotating is not None else ""
+            generation = rotations[d.incoming].generation if d.incoming else ""
+            signer = signer_for(config, d.provider, generation)
+            clusters.append(plan_agent(d, reading, signer, phase, observation.taken_at))
+            continue
         clusters.append(
             plan_cluster(d, reading, observation.state.clusters.get(cluster), observation.taken_at)
         )

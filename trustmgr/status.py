@@ -44,7 +44,7 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
     everything = read_clusters(ws, workers)
     rows = []
     for mesh_name, cluster, _ in ws.config.clusters():
-        target = ws.targets[cluster]
+        where = ws.description(cluster)
         record = state.clusters.get(cluster)
         seen = everything[cluster].ca
         if everything[cluster].error:
@@ -52,7 +52,7 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
                 ClusterStatus(
                     cluster,
                     mesh_name,
-                    target.description,
+                    where,
                     None,
                     None,
                     None,
@@ -67,7 +67,7 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
             ClusterStatus(
                 cluster,
                 mesh_name,
-                target.description,
+                where,
                 seen.serial if seen else None,
                 seen.not_after if seen else None,
                 days,
@@ -80,6 +80,8 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
 
 def _drift(reading: Reading, record: ClusterRecord | None) -> str | None:
     seen = reading.ca
+    if reading.agent is not None:
+        return _agent_drift(reading)
     if reading.owner is Owner.FOREIGN:
         return "not written by trustmgr" if record is None else "replaced outside trustmgr"
     if seen is None:
@@ -101,6 +103,25 @@ def _drift(reading: Reading, record: ClusterRecord | None) -> str | None:
     return None
 
 
+def _agent_drift(reading: Reading) -> str | None:
+    """What an agent-mode cluster's agent reports, against what was published."""
+    view = reading.agent
+    assert view is not None
+    if view.report_problem:
+        return view.report_problem
+    if view.report is None:
+        return "no report from the agent yet"
+    if view.report.error:
+        return f"agent: {view.report.error}"
+    if reading.ca is None:
+        return "agent: no cacerts yet"
+    if view.published is not None and view.report.sequence < view.published.sequence:
+        return f"agent has not applied sequence {view.published.sequence} yet"
+    if not reading.ca.healthy:
+        return f"invalid: {reading.ca.problems[0]}"
+    return None
+
+
 def verify_all(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
     """Per cluster, every reason istiod or the policy would refuse its material,
     and any difference from the bundle it should hold now (during a rotation:
@@ -118,7 +139,9 @@ def verify_all(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
 def verify_cluster(reading: Reading, bundle: TrustBundle | None) -> list[str]:
     if reading.error:
         return [reading.error]
-    if reading.material is None or reading.ca is None:
+    if reading.ca is None:
+        if reading.agent is not None:
+            return ["the agent reports no cacerts yet; see `trustmgr status`"]
         return ["no cacerts; run `trustmgr bootstrap`"]
     observed = reading.ca
     problems = list(observed.problems)

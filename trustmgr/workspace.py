@@ -10,7 +10,10 @@ from pathlib import Path
 from types import TracebackType
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from trustmgr.agent import publisher
+from trustmgr.agent.exchange import DirectoryExchange, Exchange
 from trustmgr.bundles import fingerprint
 from trustmgr.config import ClusterConfig, Config
 from trustmgr.providers import BlobStore, Clock, Provider, RootKeeper, SignedCA
@@ -20,6 +23,7 @@ from trustmgr.targets.directory import DirectoryTarget
 from trustmgr.upstream import build_provider
 
 TargetFactory = Callable[[str, ClusterConfig], Target]
+ExchangeFactory = Callable[[str, ClusterConfig], Exchange]
 
 
 def default_target(cluster: str, config: ClusterConfig) -> Target:
@@ -30,6 +34,17 @@ def default_target(cluster: str, config: ClusterConfig) -> Target:
     assert config.kubernetes is not None
     target: Target = KubernetesTarget(cluster, config.kubernetes)
     return target
+
+
+def default_exchange(cluster: str, config: ClusterConfig) -> Exchange:
+    """Where the central run meets an agent-mode cluster's agent: beside its target."""
+    if config.directory is not None:
+        return DirectoryExchange(Path(config.directory.path).expanduser(), cluster=cluster)
+    from trustmgr.agent.kubernetes import KubernetesExchange
+
+    assert config.kubernetes is not None
+    exchange: Exchange = KubernetesExchange(cluster, config.kubernetes)
+    return exchange
 
 
 @dataclass
@@ -43,10 +58,15 @@ class Workspace:
     store: StateStore
     providers: dict[str, Provider]
     targets: dict[str, Target]
+    """Push-mode clusters' targets, written by this process."""
     meshes_of: dict[str, str] = field(default_factory=dict)
+    """Every cluster's mesh."""
     incoming: dict[str, Provider] = field(default_factory=dict)
     """Per provider under rotation, the authority of the new root."""
+    exchanges: dict[str, Exchange] = field(default_factory=dict)
+    """Agent-mode clusters' exchanges: their targets are the agents' alone."""
     _upcoming: dict[str, RootKeeper] = field(default_factory=dict)
+    _publisher: Ed25519PrivateKey | None = None
 
     @classmethod
     def build(
@@ -55,6 +75,7 @@ class Workspace:
         *,
         clock: Clock,
         target_factory: TargetFactory = default_target,
+        exchange_factory: ExchangeFactory = default_exchange,
         store: StateStore | None = None,
         providers: Mapping[str, Provider] | None = None,
     ) -> Workspace:
@@ -92,15 +113,24 @@ class Workspace:
             if key in incoming and current is not None and not isinstance(current, RootKeeper):
                 built[r.provider] = Only(current, r.old_roots)
                 incoming[key] = Only(incoming[key], r.new_roots)
-        targets = {cluster: target_factory(cluster, c) for _, cluster, c in config.clusters()}
+        targets = {
+            cluster: target_factory(cluster, c)
+            for _, cluster, c in config.clusters()
+            if not c.agent
+        }
+        exchanges = {
+            cluster: exchange_factory(cluster, c) for _, cluster, c in config.clusters() if c.agent
+        }
         meshes_of = {cluster: mesh for mesh, cluster, _ in config.clusters()}
-        return cls(config, clock, store, built, targets, meshes_of, incoming)
+        return cls(config, clock, store, built, targets, meshes_of, incoming, exchanges)
 
     def close(self) -> None:
         """Release every target's, provider's and the state store's connections."""
         self.store.close()
         for target in self.targets.values():
             target.close()
+        for exchange in self.exchanges.values():
+            exchange.close()
         for provider in (*self.providers.values(), *self.incoming.values()):
             close = getattr(provider, "close", None)
             if callable(close):
@@ -134,6 +164,19 @@ class Workspace:
 
     def cluster_config(self, cluster: str) -> ClusterConfig:
         return self.config.meshes[self.meshes_of[cluster]].clusters[cluster]
+
+    def description(self, cluster: str) -> str:
+        """Where the cluster's cacerts is, or its exchange for an agent-mode cluster."""
+        if cluster in self.exchanges:
+            return f"agent: {self.exchanges[cluster].where}"
+        return self.targets[cluster].description
+
+    def publisher(self, *, create: bool = False) -> Ed25519PrivateKey | None:
+        """The key desired documents are signed with; made and stored if ``create``."""
+        if self._publisher is None:
+            blobs = self.store.blobs()
+            self._publisher = publisher.ensure(blobs) if create else publisher.load(blobs)
+        return self._publisher
 
 
 def authority(

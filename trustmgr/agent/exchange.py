@@ -56,6 +56,8 @@ class AgentLocal:
     """SHA-256 of that document's envelope."""
     pending_key: bytes = field(default=b"", repr=False)
     """PEM private key of the CSR it waits on the central run to sign (b"" none)."""
+    pending_csr: bytes = b""
+    """PEM of that CSR."""
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -63,6 +65,7 @@ class AgentLocal:
                 "sequence": self.sequence,
                 "digest": self.digest,
                 "pendingKey": self.pending_key.decode(),
+                "pendingCsr": self.pending_csr.decode(),
             },
             sort_keys=True,
         ).encode()
@@ -71,7 +74,12 @@ class AgentLocal:
     def parse(cls, data: bytes, *, where: str) -> AgentLocal:
         try:
             d: Any = json.loads(data)
-            return cls(int(d["sequence"]), str(d["digest"]), str(d["pendingKey"]).encode())
+            return cls(
+                int(d["sequence"]),
+                str(d["digest"]),
+                str(d["pendingKey"]).encode(),
+                str(d["pendingCsr"]).encode(),
+            )
         except (ValueError, KeyError, TypeError):
             raise StateError(
                 f"{where}: the agent's own record is malformed; delete it and the agent starts "
@@ -83,6 +91,8 @@ class LocalStore(Protocol):
     def load(self) -> AgentLocal: ...
 
     def save(self, local: AgentLocal) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class DirectoryExchange:
@@ -156,3 +166,6 @@ class DirectoryLocalStore:
             raise StateError(
                 f"cluster {self.cluster}: cannot write {self.file}: {exc.strerror}"
             ) from None
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,320 @@
+"""Agent mode on directory targets: each agent-mode cluster's key is made by its
+agent, the central run publishes signed desired documents and signs the CSRs
+of self-signed meshes; replayed, tampered and foreign documents are refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import snapshot, trustmgr
+from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
+from trustmgr.pki import CACERTS_FILES, CACerts, istiod_problems
+
+CONFIG = """\
+stateStore: {file: {path: state}}
+rotation: {soak: 0s, canary: 1}
+providers:
+  corp:
+    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}
+  partner:
+    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}
+meshes:
+  a:
+    trustDomain: a.example
+    provider: corp
+    clusters:
+      a-1: {directory: {path: out/a-1}, istio: {multiRoot: true}}
+      a-2: {directory: {path: out/a-2}, istio: {multiRoot: true}, mode: agent}
+      a-3: {directory: {path: out/a-3}, istio: {multiRoot: true}, mode: agent}
+  b:
+    trustDomain: b.example
+    provider: partner
+    clusters:
+      b-1: {directory: {path: out/b-1}, istio: {multiRoot: true}, mode: agent}
+FEDERATIONS"""
+AGENTS = ("a-2", "a-3", "b-1")
+FEDERATED = "federations:\n  - meshes: [a, b]\n"
+
+
+def _agent_config(workdir: Path, cluster: str) -> Path:
+    path = workdir / f"agent-{cluster}.yaml"
+    path.write_text(
+        f"cluster: {cluster}\npublisherKeyFile: publisher.pem\n"
+        f"directory: {{path: out/{cluster}}}\nistio: {{multiRoot: true}}\n"
+    )
+    return path
+
+
+def _agent(workdir: Path, cluster: str) -> tuple[int, str]:
+    run = trustmgr("agent", "run", "--once", "-c", str(_agent_config(workdir, cluster)))
+    return run.code, run.err
+
+
+def _held(workdir: Path, cluster: str) -> CACerts | None:
+    base = workdir / "out" / cluster
+    if not (base / "ca-cert.pem").exists():
+        return None
+    return CACerts.from_files({n: (base / n).read_bytes() for n in CACERTS_FILES})
+
+
+def _converge(workdir: Path, rounds: int = 4) -> None:
+    for _ in range(rounds):
+        run = trustmgr("reconcile")
+        assert run.code == 0, run.err
+        for cluster in AGENTS:
+            code, err = _agent(workdir, cluster)
+            assert code == 0, err
+
+
+@pytest.fixture
+def fleet(workdir: Path) -> Path:
+    (workdir / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", FEDERATED))
+    run = trustmgr("agent", "publisher-key", "--out", "publisher.pem")
+    assert run.code == 0, run.err
+    _converge(workdir)
+    return workdir
+
+
+def test_a_mixed_fleet_bootstraps_each_agent_making_its_own_key(
+    fleet: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = datetime.now(UTC)
+    for cluster in ("a-1", *AGENTS):
+        held = _held(fleet, cluster)
+        assert held is not None, cluster
+        assert istiod_problems(held, now=now) == [], cluster
+    a_root = fingerprint(load_certificates(_held(fleet, "a-1").cert_chain, "c")[-1])  # type: ignore[union-attr]
+    b_root = fingerprint(load_certificates(_held(fleet, "b-1").cert_chain, "c")[-1])  # type: ignore[union-attr]
+    for cluster in ("a-1", *AGENTS):  # federated: every cluster trusts both roots
+        held = _held(fleet, cluster)
+        assert held is not None
+        assert set(TrustBundle.from_pem(held.root_cert).fingerprints) == {a_root, b_root}
+    plan = trustmgr("plan", "-o", "json")
+    assert json.loads(plan.out)["pending"] is False, plan.out
+    assert trustmgr("verify").code == 0
+    status = json.loads(trustmgr("status", "-o", "json").out)
+    assert {row["cluster"]: row["drift"] for row in status} == dict.fromkeys(("a-1", *AGENTS), None)
+    # The central side never saw an agent's key: not in its state, not in what it
+    # published, not in what it printed or logged.
+    central = b"".join(p.read_bytes() for p in (fleet / "state").rglob("*") if p.is_file())
+    central += b"".join((fleet / "out" / c / "trustmgr-desired.json").read_bytes() for c in AGENTS)
+    central += b"".join((fleet / "out" / c / "trustmgr-report.json").read_bytes() for c in AGENTS)
+    central += (plan.out + plan.err + caplog.text).encode()
+    for cluster in AGENTS:
+        held = _held(fleet, cluster)
+        assert held is not None
+        body = b"".join(held.ca_key.splitlines()[1:-1])
+        assert body and body not in central.replace(b"\n", b""), cluster
+        assert base64.b64encode(held.ca_key) not in central
+
+
+def test_a_converged_fleet_is_left_alone(fleet: Path) -> None:
+    before = snapshot(fleet / "out")
+    run = trustmgr("reconcile")
+    assert run.code == 0 and "0 changed" in run.out, run.out
+    for cluster in AGENTS:
+        assert _agent(fleet, cluster)[0] == 0
+    after = snapshot(fleet / "out")
+    assert after == before  # not even a report is written again
+
+
+def _tamper(path: Path) -> None:
+    envelope = json.loads(path.read_text())
+    payload = json.loads(base64.b64decode(envelope["payload"]))
+    payload["trustDomain"] = "evil.example"
+    envelope["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    path.write_text(json.dumps(envelope))
+
+
+def test_a_tampered_document_is_refused_with_one_line(fleet: Path) -> None:
+    before = _held(fleet, "a-2")
+    _tamper(fleet / "out/a-2/trustmgr-desired.json")
+    code, err = _agent(fleet, "a-2")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"trustmgr: cluster a-2 ({Path('out/a-2')}): the desired document's signature does not "
+        "verify: refusing a tampered document; nothing was changed"
+    ]
+    assert _held(fleet, "a-2") == before
+    # the central run sees the damage and publishes again; the agent then accepts it
+    plan = json.loads(trustmgr("plan", "-o", "json").out)
+    (row,) = [c for c in plan["clusters"] if c["cluster"] == "a-2"]
+    assert row["action"] == "publish" and "does not verify" in row["message"]
+    _converge(fleet, rounds=1)
+    assert _agent(fleet, "a-2")[0] == 0
+
+
+def test_a_replayed_document_is_refused(fleet: Path) -> None:
+    old = (fleet / "out/b-1/trustmgr-desired.json").read_bytes()
+    # un-federate: b's bundle loses a's root, a new document is published and applied
+    (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", ""))
+    _converge(fleet, rounds=2)
+    held = _held(fleet, "b-1")
+    assert held is not None and len(TrustBundle.from_pem(held.root_cert)) == 1
+    (fleet / "out/b-1/trustmgr-desired.json").write_bytes(old)
+    code, err = _agent(fleet, "b-1")
+    assert code == 2
+    assert "refusing a replayed document; nothing was changed" in err
+    assert len(err.strip().splitlines()) == 1
+    assert _held(fleet, "b-1") == held  # still trusts b alone
+    # the report says why; the next publication goes past the applied sequence
+    report = json.loads((fleet / "out/b-1/trustmgr-report.json").read_text())
+    assert "replayed" in report["error"]
+    _converge(fleet, rounds=1)
+    assert _held(fleet, "b-1") == held
+
+
+def test_a_document_for_another_cluster_or_key_is_refused(fleet: Path) -> None:
+    (fleet / "out/a-3/trustmgr-desired.json").write_bytes(
+        (fleet / "out/a-2/trustmgr-desired.json").read_bytes()
+    )
+    code, err = _agent(fleet, "a-3")
+    assert code == 2 and "is for cluster a-2, this agent is a-3: refusing it" in err
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from trustmgr.agent.document import public_key_pem
+
+    other = public_key_pem(Ed25519PrivateKey.generate().public_key())
+    (fleet / "publisher.pem").write_bytes(other)
+    code, err = _agent(fleet, "a-2")
+    assert code == 2 and "this agent trusts" in err and "refusing it" in err
+
+
+def test_the_central_run_refuses_to_sign_a_csr_for_another_trust_domain(fleet: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from trustmgr.pki import cluster_ca_request
+    from trustmgr.providers.keys import KeyAlgorithm
+
+    # a-2's key made unusable: the agent must issue again, and publishes a CSR...
+    report_path = fleet / "out/a-2/trustmgr-report.json"
+    report = json.loads(report_path.read_text())
+    hostile = cluster_ca_request("b.example", cluster="a-2", algorithm=KeyAlgorithm.ECDSA_P256)
+    report["csr"] = hostile.csr.public_bytes(serialization.Encoding.PEM).decode()
+    report["problems"] = ["ca-key.pem does not match ca-cert.pem"]
+    report_path.write_text(json.dumps(report))
+    published = (fleet / "out/a-2/trustmgr-desired.json").read_bytes()
+    run = trustmgr("reconcile")
+    assert run.code == 1
+    assert (
+        "the agent's CSR names ['spiffe://b.example'], not exactly spiffe://a.example; "
+        "refusing to sign it" in run.out + run.err
+    )
+    assert (fleet / "out/a-2/trustmgr-desired.json").read_bytes() == published
+
+
+def test_a_report_carrying_a_private_key_is_not_read(fleet: Path) -> None:
+    report_path = fleet / "out/a-3/trustmgr-report.json"
+    report = json.loads(report_path.read_text())
+    report["error"] = (fleet / "out/a-3/ca-key.pem").read_text()
+    report_path.write_text(json.dumps(report))
+    run = trustmgr("status", "-o", "json")
+    rows = {row["cluster"]: row for row in json.loads(run.out)}
+    assert "holds a private key; refusing to read it" in rows["a-3"]["drift"]
+    assert "PRIVATE KEY" not in run.out + run.err
+
+
+def test_an_agent_stopped_after_making_its_key_reuses_it(
+    fleet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trustmgr.agent import exchange
+    from trustmgr.errors import TargetError
+
+    (fleet / "out/a-2/ca-key.pem").unlink()  # lost: the agent must issue again
+    calls = []
+
+    def lost(self: exchange.DirectoryExchange, data: bytes) -> None:
+        calls.append(data)
+        raise TargetError("cluster a-2: the report could not be written")
+
+    with monkeypatch.context() as m:
+        m.setattr(exchange.DirectoryExchange, "write_report", lost)
+        assert _agent(fleet, "a-2")[0] == 1
+    local = json.loads((fleet / "out/a-2/.trustmgr-agent.json").read_text())
+    assert (
+        local["pendingCsr"] and (fleet / "out/a-2/.trustmgr-agent.json").stat().st_mode & 0o077 == 0
+    )
+    assert _agent(fleet, "a-2")[0] == 0
+    report = json.loads((fleet / "out/a-2/trustmgr-report.json").read_text())
+    assert report["csr"] == local["pendingCsr"]  # the same key, not a second one
+    _converge(fleet, rounds=1)
+    held = _held(fleet, "a-2")
+    assert held is not None and istiod_problems(held, now=datetime.now(UTC)) == []
+    assert json.loads((fleet / "out/a-2/.trustmgr-agent.json").read_text())["pendingKey"] == ""
+
+
+def _phase(workdir: Path) -> str | None:
+    rows = json.loads(trustmgr("rotate", "status", "-o", "json").out)
+    return str(rows[0]["phase"]) if rows else None
+
+
+def test_a_mixed_fleet_rotates_a_root_with_agents_gating_each_phase(fleet: Path) -> None:
+    old = fingerprint(load_certificates(_held(fleet, "a-2").cert_chain, "c")[-1])  # type: ignore[union-attr]
+    assert trustmgr("rotate", "start", "--provider", "corp").code == 0
+    seen = []
+    previous = {c: _held(fleet, c) for c in ("a-1", *AGENTS)}
+    for _ in range(20):
+        phase = _phase(fleet)
+        if phase is None:
+            break
+        seen.append(phase)
+        assert trustmgr("reconcile").code == 0
+        for cluster in AGENTS:
+            assert _agent(fleet, cluster)[0] == 0
+            # after every write, in any cluster: hot-reloadable, and trust before use
+            now = {c: _held(fleet, c) for c in ("a-1", *AGENTS)}
+            for c, held in now.items():
+                assert held is not None
+                assert istiod_problems(held, now=datetime.now(UTC)) == [], c
+                before = previous[c]
+                assert before is not None
+                assert before.root_cert in held.root_cert or held.root_cert in before.root_cert, c
+            for held in now.values():
+                assert held is not None
+                root = fingerprint(load_certificates(held.cert_chain, "c")[-1])
+                for peer in now.values():
+                    assert (
+                        peer is not None
+                        and root in TrustBundle.from_pem(peer.root_cert).fingerprints
+                    )
+            previous = now
+    assert _phase(fleet) is None
+    assert "trust-distributed" in seen and "issuer-switched" in seen and "old-removed" in seen
+    new_roots = {
+        fingerprint(load_certificates(_held(fleet, c).cert_chain, "c")[-1])  # type: ignore[union-attr]
+        for c in ("a-1", "a-2", "a-3")
+    }
+    assert len(new_roots) == 1 and old not in new_roots
+    for c in ("a-1", *AGENTS):
+        held = _held(fleet, c)
+        assert held is not None and old not in TrustBundle.from_pem(held.root_cert).fingerprints
+    _converge(fleet, rounds=1)  # the documents drop the finished rotation's phase
+    assert json.loads(trustmgr("plan", "-o", "json").out)["pending"] is False
+
+
+def test_a_phase_waits_for_an_agent_that_has_not_acted(fleet: Path) -> None:
+    assert trustmgr("rotate", "start", "--provider", "corp").code == 0
+    for _ in range(3):
+        assert trustmgr("reconcile").code == 0  # no agent runs
+    assert _phase(fleet) == "prepared"  # published, but no agent applied it: no advance
+    plan = json.loads(trustmgr("plan", "-o", "json").out)
+    waiting = {c["cluster"] for c in plan["clusters"] if c["action"] == "await-agent"}
+    assert waiting == {"a-2", "a-3"}  # b-1 trusts the old root, which stays: nothing new for it yet
+    assert plan["pending"] is False  # nothing for apply to do meanwhile
+
+
+def test_agent_logs_and_output_hold_no_key(fleet: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="trustmgr")
+    (fleet / "out/a-3/ca-key.pem").unlink()
+    for _ in range(2):
+        trustmgr("reconcile")
+        code, err = _agent(fleet, "a-3")
+        assert code == 0, err
+        assert "PRIVATE KEY" not in err
+    assert "PRIVATE KEY" not in caplog.text

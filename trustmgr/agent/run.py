@@ -1,0 +1,426 @@
+"""One pass of the agent, inside its cluster: read the desired document, check
+it, decide with the same policies as the central run, make the CA key here,
+get the CSR signed, write cacerts, and report public material back.
+
+The order keeps every promise under interruption: the document's sequence is
+recorded before anything acts on it (a replay stays refused); a key waiting
+for the central run's signature is kept in the agent's own record before its
+CSR is reported; cacerts is written in one write of the target; the report is
+written last and says only what the target holds."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from trustmgr.agent.config import AgentConfig
+from trustmgr.agent.document import (
+    Desired,
+    DocumentError,
+    Report,
+    Signer,
+    check_sequence,
+    csr_digest,
+    digest,
+    load_public_key,
+    unseal,
+)
+from trustmgr.agent.exchange import (
+    AgentLocal,
+    DirectoryExchange,
+    DirectoryLocalStore,
+    Exchange,
+    LocalStore,
+)
+from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
+from trustmgr.config import ClusterConfig
+from trustmgr.errors import BadInputError, BadMaterialError, ProviderAnswerError, TrustmgrError
+from trustmgr.observe import Reading, read_target
+from trustmgr.pki import (
+    CACerts,
+    ClusterCARequest,
+    assemble,
+    check_signed_ca,
+    cluster_ca_request,
+    csr_problems,
+    load_private_key,
+    observe,
+    private_key_pem,
+)
+from trustmgr.planner import Action, DesiredCluster, plan_cluster
+from trustmgr.providers import Clock, Provider, ProviderError, ProviderNeedsFixError, SignedCA
+from trustmgr.providers.config import AcmPcaConfig, ProviderConfig, VaultConfig
+from trustmgr.providers.keys import KeyAlgorithm
+from trustmgr.targets import Target
+from trustmgr.upstream import build_provider
+from trustmgr.workspace import default_target
+
+log = logging.getLogger(__name__)
+
+ProviderFactory = Callable[[Signer], Provider]
+
+
+@dataclass(frozen=True)
+class AgentOutcome:
+    """What one pass did: ``action`` as the policies decided it, ``error`` one line."""
+
+    action: Action
+    reason: str
+    message: str
+    sequence: int = 0
+    error: str = ""
+    waiting: bool = False
+    """A CSR waits for the central run's signature."""
+    exit_code: int = 0
+    """``trustmgr agent run --once``'s: 2 for what a person must fix (a refused
+    document, a missing credential), 1 for other failures."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class Agent:
+    """The agent's handles: its configuration, target, exchange and own record."""
+
+    config: AgentConfig
+    target: Target
+    exchange: Exchange
+    local: LocalStore
+    publisher: Ed25519PublicKey
+    clock: Clock
+    providers: ProviderFactory | None = None
+    """Builds the provider a Signer names; None: from the configuration's credentials."""
+
+    @classmethod
+    def build(cls, config: AgentConfig, *, clock: Clock) -> Agent:
+        if config.publisher_key_file:
+            path = Path(config.publisher_key_file).expanduser()
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise BadInputError(
+                    f"publisherKeyFile {path}: cannot read: {exc.strerror}"
+                ) from None
+            key = load_public_key(data, f"publisherKeyFile {path}")
+        else:
+            assert config.publisher_key is not None
+            key = load_public_key(config.publisher_key.encode(), "publisherKey")
+        cluster = ClusterConfig(
+            directory=config.directory, kubernetes=config.kubernetes, istio=config.istio
+        )
+        target = default_target(config.cluster, cluster)
+        exchange: Exchange
+        local: LocalStore
+        if config.directory is not None:
+            path = Path(config.directory.path).expanduser()
+            exchange = DirectoryExchange(path, cluster=config.cluster)
+            local = DirectoryLocalStore(path, cluster=config.cluster)
+        else:
+            from trustmgr.agent.kubernetes import KubernetesExchange, KubernetesLocalStore
+
+            assert config.kubernetes is not None
+            exchange = KubernetesExchange(config.cluster, config.kubernetes)
+            local = KubernetesLocalStore(config.cluster, config.kubernetes)
+        return cls(config, target, exchange, local, key, clock)
+
+    def close(self) -> None:
+        self.target.close()
+        self.exchange.close()
+        self.local.close()
+
+    def run_once(self) -> AgentOutcome:
+        """One pass; every failure is one line in the outcome and in the report."""
+        now = self.clock()
+        desired: Desired | None = None
+        try:
+            desired = self._accept()
+            outcome = self._converge(desired, now)
+        except (TrustmgrError, ProviderError) as exc:
+            code = exc.exit_code if isinstance(exc, TrustmgrError) else 1
+            if isinstance(exc, ProviderNeedsFixError):
+                code = 2
+            outcome = AgentOutcome(
+                Action.FAIL, type(exc).__name__, str(exc), error=str(exc), exit_code=code
+            )
+        try:
+            self._report(desired, outcome, now)
+        except TrustmgrError as exc:
+            error = f"{outcome.error + '; ' if outcome.error else ''}cannot report: {exc}"
+            outcome = replace(outcome, error=error, exit_code=outcome.exit_code or 1)
+        if outcome.error:
+            log.warning("cluster %s: %s", self.config.cluster, outcome.error)
+        elif outcome.action is not Action.NONE:
+            log.info("cluster %s: %s (%s)", self.config.cluster, outcome.message, outcome.reason)
+        return outcome
+
+    def _accept(self) -> Desired:
+        """The desired document, checked: signature, cluster, no replay."""
+        data = self.exchange.read_desired()
+        if data is None:
+            raise DocumentError(
+                f"{self.exchange.where}: no desired document yet; the central run publishes it "
+                "(`trustmgr reconcile` with this cluster in mode agent)"
+            )
+        desired = unseal(data, self.publisher, where=self.exchange.where)
+        if desired.cluster != self.config.cluster:
+            raise DocumentError(
+                f"{self.exchange.where}: the desired document is for cluster {desired.cluster}, "
+                f"this agent is {self.config.cluster}: refusing it"
+            )
+        local = self.local.load()
+        check_sequence(desired, digest(data), local.sequence, local.digest)
+        if (desired.sequence, digest(data)) != (local.sequence, local.digest):
+            self.local.save(replace(local, sequence=desired.sequence, digest=digest(data)))
+        return desired
+
+    def _desired_cluster(self, desired: Desired, reading: Reading) -> DesiredCluster:
+        try:
+            algorithm = KeyAlgorithm(desired.key_algorithm)
+            bundle = TrustBundle.from_pem(desired.bundle.encode(), "the desired bundle")
+        except (ValueError, BadMaterialError) as exc:
+            raise DocumentError(
+                f"{self.exchange.where}: the desired document is unusable: {exc}"
+            ) from None
+        return DesiredCluster(
+            name=self.config.cluster,
+            mesh=desired.mesh,
+            trust_domain=desired.trust_domain,
+            provider=desired.signer.provider,
+            key_algorithm=algorithm,
+            ttl=desired.ttl,
+            renew_before=desired.renew_before,
+            bundle=bundle,
+            own_roots=desired.signing_roots,
+            istio_version=self.config.istio.version,
+            multi_root=self.config.istio.multi_root,
+            organization=desired.organization,
+        )
+
+    def _converge(self, desired: Desired, now: datetime) -> AgentOutcome:
+        reading = read_target(self.target, desired.trust_domain, now)
+        d = self._desired_cluster(desired, reading)
+        plan = plan_cluster(d, reading, None, now)
+        action = Action.NONE if plan.action is Action.RECORD else plan.action
+        done = AgentOutcome(action, plan.reason, plan.message, desired.sequence)
+        if action is Action.NONE:
+            return done
+        if action in (Action.FAIL, Action.REFUSE):
+            return replace(done, error=plan.message, exit_code=1)
+        assert d.bundle is not None
+        if action is Action.UPDATE_BUNDLE:
+            assert reading.material is not None
+            self._write(reading.material.with_bundle(d.bundle), d, now)
+            return done
+        material = self._issue(desired, d, now)
+        if material is None:
+            return replace(
+                done,
+                waiting=True,
+                message=f"{plan.message}; CSR published, waiting for the central run to sign it",
+            )
+        self._write(material, d, now)
+        return done
+
+    def _issue(self, desired: Desired, d: DesiredCluster, now: datetime) -> CACerts | None:
+        """A new CA with a key made here; None while the central run has to sign."""
+        assert d.bundle is not None
+        if desired.signer.kind != "central":
+            request = cluster_ca_request(
+                d.trust_domain,
+                cluster=d.name,
+                algorithm=d.key_algorithm,
+                organization=d.organization,
+            )
+            provider = (self.providers or self._provider)(desired.signer)
+            try:
+                answer = provider.sign_ca(request.csr, d.ttl)
+            finally:
+                close = getattr(provider, "close", None)
+                if callable(close):
+                    close()
+            return self._assemble(request, answer, d, now)
+        local = self.local.load()
+        pending = _pending(local, d)
+        if (
+            pending is not None
+            and desired.signed is not None
+            and desired.signed.csr == csr_digest(pending.csr)
+        ):
+            try:
+                chain = tuple(load_certificates(desired.signed.chain.encode(), "the signed chain"))
+                root = load_certificates(desired.signed.root.encode(), "the signed root")[0]
+            except BadMaterialError as exc:
+                raise DocumentError(f"{self.exchange.where}: {exc}") from None
+            return self._assemble(pending, SignedCA(chain, (root,)), d, now)
+        if pending is None:
+            request = cluster_ca_request(
+                d.trust_domain,
+                cluster=d.name,
+                algorithm=d.key_algorithm,
+                organization=d.organization,
+            )
+            self.local.save(
+                replace(
+                    local,
+                    pending_key=private_key_pem(request.key),
+                    pending_csr=request.csr.public_bytes(serialization.Encoding.PEM),
+                )
+            )
+        return None
+
+    def _assemble(
+        self, request: ClusterCARequest, answer: SignedCA, d: DesiredCluster, now: datetime
+    ) -> CACerts:
+        assert d.bundle is not None
+        root = check_signed_ca(answer, request, d.trust_domain, provider=d.provider, now=now)
+        if fingerprint(root) not in d.own_roots:
+            raise ProviderAnswerError(
+                f"provider {d.provider} signed under root {fingerprint(root)[:16]}…, not one the "
+                "desired document allows now; nothing written"
+            )
+        return assemble(request, answer, root, d.bundle)
+
+    def _write(self, material: CACerts, d: DesiredCluster, now: datetime) -> None:
+        problems = observe(material, trust_domain=d.trust_domain, now=now).problems
+        if problems:
+            raise TrustmgrError(f"refusing to write material istiod would reject: {problems[0]}")
+        self.target.write(material)
+        local = self.local.load()
+        if local.pending_key and _holds(material, local):
+            self.local.save(replace(local, pending_key=b"", pending_csr=b""))
+
+    def _report(self, desired: Desired | None, outcome: AgentOutcome, now: datetime) -> None:
+        trust_domain = desired.trust_domain if desired is not None else None
+        material = self.target.read()
+        local = self.local.load()
+        waiting = (
+            local.pending_csr.decode()
+            if local.pending_csr and desired is not None and desired.signer.kind == "central"
+            else ""
+        )
+        report = Report(
+            cluster=self.config.cluster,
+            sequence=local.sequence,
+            ca_cert=material.ca_cert.decode() if material else "",
+            cert_chain=material.cert_chain.decode() if material else "",
+            root_cert=material.root_cert.decode() if material else "",
+            problems=observe(material, trust_domain=trust_domain, now=now).problems
+            if material
+            else (),
+            csr=waiting,
+            phase=desired.phase if desired is not None else "",
+            error=outcome.error,
+            reported_at=now,
+        )
+        current = self.exchange.read_report()
+        if current is not None:
+            try:
+                if replace(Report.parse(current, where=""), reported_at=now) == report:
+                    return  # nothing new to say: the exchange is left as it is
+            except BadMaterialError:
+                pass
+        self.exchange.write_report(report.to_bytes())
+
+    def _provider(self, signer: Signer) -> Provider:
+        """The mesh's provider as this cluster reaches it: the document's settings,
+        this agent's credentials."""
+        creds = self.config.providers.get(signer.provider)
+        if signer.kind == "vault":
+            if creds is None or creds.vault is None:
+                raise BadInputError(
+                    f"the mesh signs through Vault provider {signer.provider}: add "
+                    f"providers.{signer.provider}.vault.auth (this cluster's own role) to the "
+                    "agent's configuration"
+                )
+            v = creds.vault
+            entry = ProviderConfig(
+                vault=VaultConfig.model_validate(
+                    {
+                        **{k: val for k, val in signer.settings.items() if val is not None},
+                        "auth": v.auth,
+                        "caCert": v.ca_cert,
+                        "tlsSkipVerify": v.tls_skip_verify,
+                        "timeout": v.timeout,
+                        "maxRetries": v.max_retries,
+                    }
+                )
+            )
+        elif signer.kind == "acmPca":
+            a = creds.acm_pca if creds is not None else None
+            local = (
+                {}
+                if a is None
+                else {
+                    "endpointUrl": a.endpoint_url,
+                    "assumeRoleArn": a.assume_role_arn,
+                    "maxWait": a.max_wait,
+                    "maxAttempts": a.max_attempts,
+                }
+            )
+            entry = ProviderConfig(
+                acm_pca=AcmPcaConfig.model_validate(
+                    {k: val for k, val in {**signer.settings, **local}.items() if val is not None}
+                )
+            )
+        else:
+            raise DocumentError(
+                f"the desired document names signer kind {signer.kind!r}, unknown to this agent"
+            )
+        return build_provider(
+            signer.provider, entry, blobs=_NoBlobs(), clock=self.clock, generation=signer.generation
+        )
+
+
+def run_forever(agent: Agent, stop: threading.Event) -> None:
+    """Passes every ``interval`` (plus up to ``jitter``) until ``stop`` is set; a
+    pass in flight finishes first."""
+    interval = agent.config.interval.total_seconds()
+    jitter = agent.config.jitter.total_seconds()
+    while not stop.is_set():
+        agent.run_once()
+        stop.wait(interval + random.uniform(0, jitter))  # noqa: S311 - spreading load, not secrecy
+
+
+class _NoBlobs:
+    """Providers that sign remotely keep nothing."""
+
+    def load(self, name: str) -> bytes | None:
+        return None
+
+    def save(self, name: str, data: bytes, *, secret: bool) -> None:
+        raise BadInputError("an agent keeps no provider material")
+
+    def delete(self, name: str) -> None:
+        pass
+
+
+def _pending(local: AgentLocal, d: DesiredCluster) -> ClusterCARequest | None:
+    """The request the agent waits on, if it still asks for what is desired."""
+    if not local.pending_key or not local.pending_csr:
+        return None
+    try:
+        key = load_private_key(local.pending_key, "the pending key")
+        csr = x509.load_pem_x509_csr(local.pending_csr)
+    except (BadMaterialError, ValueError):
+        return None
+    if csr_problems(csr, d.trust_domain, d.key_algorithm):
+        return None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        return None
+    return ClusterCARequest(key, csr)
+
+
+def _holds(material: CACerts, local: AgentLocal) -> bool:
+    return material.ca_key == local.pending_key
