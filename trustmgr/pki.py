@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import math
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -222,6 +223,35 @@ def cluster_ca_problems(ca: x509.Certificate, trust_domain: str, *, now: datetim
     return problems
 
 
+def _constraint_problems(issuer: x509.Certificate, trust_domain: str) -> list[str]:
+    """An issuer's URI name constraints must leave room for the trust domain:
+    otherwise no verifier accepts a workload of it under the chain (a mesh
+    intermediate constrained to another mesh's trust domain, docs/agent.md)."""
+    ext = _ext(issuer, x509.NameConstraints)
+    if ext is None:
+        return []
+    assert isinstance(ext.value, x509.NameConstraints)
+
+    def uris(subtrees: Iterable[x509.GeneralName] | None) -> list[str]:
+        return [n.value for n in subtrees or () if isinstance(n, x509.UniformResourceIdentifier)]
+
+    def within(constraint: str) -> bool:  # RFC 5280 4.2.1.10, for a URI's host
+        if constraint.startswith("."):
+            return trust_domain.endswith(constraint)
+        return trust_domain == constraint
+
+    name = issuer.subject.rfc4514_string()
+    excluded = [c for c in uris(ext.value.excluded_subtrees) if within(c)]
+    if excluded:
+        return [f"issuer {name} excludes URI names in {excluded[0]}, trust domain {trust_domain}"]
+    permitted = uris(ext.value.permitted_subtrees)
+    if permitted and not any(within(c) for c in permitted):
+        return [
+            f"issuer {name} permits URI names in {permitted} only, not trust domain {trust_domain}"
+        ]
+    return []
+
+
 def _issuer_problems(cert: x509.Certificate, cas_below: int, *, now: datetime) -> list[str]:
     """What OpenSSL, BoringSSL and Go demand of a certificate above a cluster CA,
     with ``cas_below`` CA certificates between it and a workload certificate."""
@@ -289,6 +319,7 @@ def check_signed_ca(
     issuers = [*answer.chain[1:], *([root] if root is not None else [])]
     for cas_below, issuer in enumerate(issuers, 1):
         problems += _issuer_problems(issuer, cas_below, now=now)
+        problems += _constraint_problems(issuer, trust_domain)
     if issuers and ca.not_valid_after_utc > issuers[0].not_valid_after_utc:
         problems.append(
             f"the issued CA outlives its issuer: notAfter "
