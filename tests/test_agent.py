@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -318,3 +318,95 @@ def test_agent_logs_and_output_hold_no_key(fleet: Path, caplog: pytest.LogCaptur
         assert code == 0, err
         assert "PRIVATE KEY" not in err
     assert "PRIVATE KEY" not in caplog.text
+
+
+def test_the_plan_for_agents_is_what_reconcile_does(fleet: Path) -> None:
+    (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", ""))
+    planned = json.loads(trustmgr("plan", "-o", "json").out)
+    changes = {c["cluster"]: c["action"] for c in planned["clusters"] if c["action"] != "none"}
+    assert changes == {"a-1": "update-bundle", "a-2": "publish", "a-3": "publish", "b-1": "publish"}
+    run = trustmgr("reconcile", "-o", "json")
+    assert run.code == 0, run.err
+    done = {c["cluster"]: c["action"] for c in json.loads(run.out)["clusters"]}
+    assert {c: a for c, a in done.items() if a != "none"} == changes
+    after = json.loads(trustmgr("plan", "-o", "json").out)
+    assert {
+        c["cluster"]: c["action"] for c in after["clusters"] if c["action"] != "none"
+    } == dict.fromkeys(AGENTS, "await-agent")
+
+
+def test_a_malformed_report_fails_its_cluster_only(fleet: Path) -> None:
+    report_path = fleet / "out/a-2/trustmgr-report.json"
+    report = json.loads(report_path.read_text())
+    report["csr"] = (
+        "-----BEGIN CERTIFICATE REQUEST-----\nnot base64\n-----END CERTIFICATE REQUEST-----\n"
+    )
+    report_path.write_text(json.dumps(report))
+    (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", ""))
+    run = trustmgr("reconcile", "-o", "json")
+    assert run.code == 0, run.err
+    rows = {c["cluster"]: c for c in json.loads(run.out)["clusters"]}
+    assert rows["a-3"]["action"] == rows["b-1"]["action"] == "publish"
+    plan = {c["cluster"]: c for c in json.loads(trustmgr("plan", "-o", "json").out)["clusters"]}
+    assert plan["a-2"]["action"] == "await-agent"
+    assert plan["a-2"]["reason"] == "ReportUnreadable"
+    assert "the agent's CSR is not a PEM CSR" in plan["a-2"]["message"]
+    assert _agent(fleet, "a-2")[0] == 0  # the agent writes its report again
+    assert json.loads(trustmgr("plan", "-o", "json").out)["pending"] is False
+
+
+def test_an_agent_replaces_cacerts_it_did_not_write_only_when_adopting(fleet: Path) -> None:
+    base = fleet / "out/a-3"
+    held = _held(fleet, "a-3")
+    assert held is not None
+    (base / "..data").unlink()
+    for name, data in held.files().items():  # plain files, as Istio's tools make them
+        (base / name).unlink()
+        (base / name).write_bytes(data)
+        (base / name).chmod(0o600)
+    code, err = _agent(fleet, "a-3")
+    assert code == 1
+    assert err.strip().endswith(
+        "to replace it, keeping the previous one for rollback, set adopt: true in the agent's "
+        "configuration"
+    )
+    assert (base / "ca-cert.pem").read_bytes() == held.ca_cert and not (
+        base / "ca-cert.pem"
+    ).is_symlink()
+    config = _agent_config(fleet, "a-3")
+    config.write_text(config.read_text() + "adopt: true\n")
+    assert trustmgr("agent", "run", "--once", "-c", str(config)).code == 0
+    trustmgr("reconcile")
+    assert trustmgr("agent", "run", "--once", "-c", str(config)).code == 0
+    adopted = _held(fleet, "a-3")
+    assert adopted is not None and adopted.ca_key != held.ca_key
+    assert (base / "ca-cert.pem").is_symlink() and (base / "..previous").exists()
+
+
+def test_a_looping_agent_survives_a_failing_pass_and_stops_on_the_event(
+    fleet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from trustmgr.agent import config as agent_config
+    from trustmgr.agent.run import Agent, run_forever
+
+    agent = Agent.build(
+        agent_config.load(_agent_config(fleet, "a-2")), clock=lambda: datetime.now(UTC)
+    )
+    stop = threading.Event()
+    passes = []
+
+    def once() -> None:
+        passes.append(1)
+        if len(passes) == 1:
+            raise RuntimeError("a bug")
+        stop.set()
+
+    monkeypatch.setattr(agent, "run_once", once)
+    agent.config = agent.config.model_copy(
+        update={"interval": timedelta(0), "jitter": timedelta(0)}
+    )
+    run_forever(agent, stop)
+    agent.close()
+    assert len(passes) == 2

@@ -171,6 +171,7 @@ def read_agent(ws: Workspace, cluster: str, trust_domain: str) -> Reading:
                 raise BadMaterialError(
                     f"{exchange.where}: the report is of cluster {report.cluster}"
                 )
+            report.csr_request()  # a CSR that does not parse is the report's problem
         except BadMaterialError as exc:
             report, report_problem = None, str(exc)
     view = AgentView(published, sequence, problem, report, report_problem)
@@ -180,6 +181,8 @@ def read_agent(ws: Workspace, cluster: str, trust_domain: str) -> Reading:
         report.ca_cert.encode(), b"", report.cert_chain.encode(), report.root_cert.encode()
     )
     ca = observe_public(public, trust_domain=trust_domain, now=ws.clock(), reported=report.problems)
+    if report.foreign:
+        return Reading(None, ca, Owner.FOREIGN, why_foreign=report.foreign, agent=view)
     # The agent is trustmgr: what it holds is what it wrote.
     return Reading(None, ca, Owner.TRUSTMGR, stamp=ca.digest, agent=view)
 

@@ -536,7 +536,9 @@ def plan_agent(
             f"the trust bundle of mesh {d.mesh} is incomplete: a provider has no root",
             desired=d,
         )
-    inner = plan_cluster(replace(d, adopt=False), r, None, now)
+    # Adopting cacerts trustmgr did not write is the agent's choice (its adopt):
+    # if it holds such, the central run serves the CSR of an agent that adopts.
+    inner = plan_cluster(replace(d, adopt=True), r, None, now)
     wants_ca = inner.action in (Action.ISSUE, Action.RENEW)
     published = view.published
     report = view.report
@@ -566,6 +568,16 @@ def plan_agent(
         )
         return ClusterPlan(
             d.name, d.mesh, Action.PUBLISH, "Publish", why, desired=d, document=document
+        )
+    if view.report_problem:
+        return ClusterPlan(
+            d.name,
+            d.mesh,
+            Action.AWAIT,
+            "ReportUnreadable",
+            view.report_problem,
+            desired=d,
+            document=document,
         )
     if report is not None and report.error:
         return ClusterPlan(

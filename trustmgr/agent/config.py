@@ -77,6 +77,9 @@ class AgentConfig(Model):
     directory: DirectoryTargetConfig | None = None
     kubernetes: KubernetesTargetConfig | None = None
     istio: IstioSettings = IstioSettings()
+    adopt: bool = False
+    """Replace a cacerts that trustmgr did not write (kept for rollback), as
+    ``bootstrap --adopt`` does for a push-mode cluster."""
     providers: dict[str, AgentProviderCredentials] = {}
     interval: Duration = timedelta(minutes=5)
     """Between passes of ``trustmgr agent run`` without ``--once``."""

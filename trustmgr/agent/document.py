@@ -273,6 +273,8 @@ class Report:
     phase: str = ""
     error: str = ""
     """The agent's last error, one line ("" none)."""
+    foreign: str = ""
+    """Why the cacerts it holds are not trustmgr's ("" they are, or there is none)."""
     reported_at: datetime | None = None
 
     def to_bytes(self) -> bytes:
@@ -289,6 +291,7 @@ class Report:
                 "csr": self.csr,
                 "phase": self.phase,
                 "error": self.error,
+                "foreign": self.foreign,
                 "reportedAt": self.reported_at.isoformat() if self.reported_at else None,
             },
             sort_keys=True,
@@ -313,6 +316,7 @@ class Report:
                 csr=str(d.get("csr") or ""),
                 phase=str(d.get("phase") or ""),
                 error=str(d.get("error") or "")[:500],
+                foreign=str(d.get("foreign") or "")[:500],
                 reported_at=datetime.fromisoformat(at) if at else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError):

@@ -205,6 +205,7 @@ class Agent:
             own_roots=desired.signing_roots,
             istio_version=self.config.istio.version,
             multi_root=self.config.istio.multi_root,
+            adopt=self.config.adopt,
             organization=desired.organization,
         )
 
@@ -216,7 +217,13 @@ class Agent:
         done = AgentOutcome(action, plan.reason, plan.message, desired.sequence)
         if action is Action.NONE:
             return done
-        if action in (Action.FAIL, Action.REFUSE):
+        if action is Action.REFUSE:
+            error = (
+                f"{reading.why_foreign}; to replace it, keeping the previous one for rollback, "
+                "set adopt: true in the agent's configuration"
+            )
+            return replace(done, error=error, exit_code=1)
+        if action is Action.FAIL:
             return replace(done, error=plan.message, exit_code=1)
         assert d.bundle is not None
         if action is Action.UPDATE_BUNDLE:
@@ -296,7 +303,7 @@ class Agent:
         problems = observe(material, trust_domain=d.trust_domain, now=now).problems
         if problems:
             raise TrustmgrError(f"refusing to write material istiod would reject: {problems[0]}")
-        self.target.write(material)
+        self.target.write(material, adopt=d.adopt)
         local = self.local.load()
         if local.pending_key and _holds(material, local):
             self.local.save(replace(local, pending_key=b"", pending_csr=b""))
@@ -310,18 +317,22 @@ class Agent:
             if local.pending_csr and desired is not None and desired.signer.kind == "central"
             else ""
         )
+        problems: tuple[str, ...] = ()
+        if material is not None:
+            problems = observe(material, trust_domain=trust_domain, now=now).problems
+            exposed = getattr(self.target, "exposed", None)
+            problems += (exposed,) if exposed else ()
         report = Report(
             cluster=self.config.cluster,
             sequence=local.sequence,
             ca_cert=material.ca_cert.decode() if material else "",
             cert_chain=material.cert_chain.decode() if material else "",
             root_cert=material.root_cert.decode() if material else "",
-            problems=observe(material, trust_domain=trust_domain, now=now).problems
-            if material
-            else (),
+            problems=problems,
             csr=waiting,
             phase=desired.phase if desired is not None else "",
             error=outcome.error,
+            foreign=(self.target.foreign or "") if material is not None else "",
             reported_at=now,
         )
         current = self.exchange.read_report()
@@ -389,7 +400,13 @@ def run_forever(agent: Agent, stop: threading.Event) -> None:
     interval = agent.config.interval.total_seconds()
     jitter = agent.config.jitter.total_seconds()
     while not stop.is_set():
-        agent.run_once()
+        try:
+            agent.run_once()
+        except Exception as exc:  # a bug met in one pass must not end the agent
+            log.error(
+                "cluster %s: unexpected %s in a pass", agent.config.cluster, type(exc).__name__
+            )
+            log.debug("cluster %s: unexpected error", agent.config.cluster, exc_info=True)
         stop.wait(interval + random.uniform(0, jitter))  # noqa: S311 - spreading load, not secrecy
 
 
