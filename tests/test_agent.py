@@ -410,3 +410,18 @@ def test_a_looping_agent_survives_a_failing_pass_and_stops_on_the_event(
     run_forever(agent, stop)
     agent.close()
     assert len(passes) == 2
+
+
+def test_the_trust_matrix_says_which_agents_do_not_act_on_it_yet(fleet: Path) -> None:
+    (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", ""))
+    assert trustmgr("reconcile").code == 0  # published; a-1, pushed, already changed
+    matrix = trustmgr("trust", "matrix")
+    assert matrix.code == 0, matrix.err
+    lagging = [line for line in matrix.out.splitlines() if "does not act on this yet" in line]
+    assert lagging == [
+        f"cluster {c} does not act on this yet: its agent reports root-cert.pem holds 1 root(s) "
+        "no federation allows"
+        for c in AGENTS
+    ]
+    _converge(fleet, rounds=1)
+    assert "does not act on this yet" not in trustmgr("trust", "matrix").out

@@ -41,7 +41,7 @@ from trustmgr.observe import observe_all
 from trustmgr.planner import CANARY_FIRST, Action, Plan, decide, rotation_clusters
 from trustmgr.providers import ProviderError, ProviderNeedsFixError
 from trustmgr.rekey import previous_protection, rekey
-from trustmgr.status import cluster_status, verify_all
+from trustmgr.status import cluster_status, held_trust, verify_all
 
 log = logging.getLogger("trustmgr")
 
@@ -782,6 +782,7 @@ def trust_matrix(obj: Context, output: str) -> None:
     """Which mesh accepts the identities of which, and why."""
     with obj.workspace() as ws:
         federation = current_federation(ws)
+        held = held_trust(ws)
     cells = federation.matrix()
     if output == "json":
         _echo_json(
@@ -806,6 +807,9 @@ def trust_matrix(obj: Context, output: str) -> None:
         click.echo(
             "root*: the chain verifies through a shared root, but the trust-domain check rejects it"
         )
+    for cluster, problems in sorted(held.items()):
+        where = "its agent reports" if cluster in ws.exchanges else "it holds"
+        click.echo(f"cluster {cluster} does not act on this yet: {where} {'; '.join(problems)}")
     _print_findings(federation.findings())
 
 

@@ -148,10 +148,33 @@ def verify_cluster(reading: Reading, bundle: TrustBundle | None) -> list[str]:
     if reading.exposed is not None:
         problems.append(f"{reading.exposed}; `trustmgr reconcile` issues a CA with a new key")
     if bundle is not None:
-        missing = set(bundle.fingerprints) - set(observed.bundle)
-        extra = set(observed.bundle) - set(bundle.fingerprints)
-        if missing:
-            problems.append(f"root-cert.pem lacks {len(missing)} root(s) the mesh must trust")
-        if extra:
-            problems.append(f"root-cert.pem holds {len(extra)} root(s) no federation allows")
+        problems += bundle_problems(observed.bundle, bundle)
     return problems
+
+
+def bundle_problems(held: tuple[str, ...], bundle: TrustBundle) -> list[str]:
+    """How a held bundle (fingerprints) differs from the one the federation gives."""
+    problems = []
+    missing = set(bundle.fingerprints) - set(held)
+    extra = set(held) - set(bundle.fingerprints)
+    if missing:
+        problems.append(f"root-cert.pem lacks {len(missing)} root(s) the mesh must trust")
+    if extra:
+        problems.append(f"root-cert.pem holds {len(extra)} root(s) no federation allows")
+    return problems
+
+
+def held_trust(ws: Workspace, workers: int = 16) -> dict[str, list[str]]:
+    """Per cluster whose bundle is not yet the one the federation gives its mesh
+    now, how it differs: what the matrix shows is not yet what the cluster does.
+    Agent-mode clusters are read from their agents' reports."""
+    observation = observe_all(ws, workers=workers)
+    plan = decide(ws.config, observation, advance=False)
+    out = {}
+    for c in plan.clusters:
+        ca = observation.clusters[c.cluster].ca
+        if ca is not None and c.desired is not None and c.desired.bundle is not None:
+            problems = bundle_problems(ca.bundle, c.desired.bundle)
+            if problems:
+                out[c.cluster] = problems
+    return out
