@@ -425,3 +425,69 @@ def test_the_trust_matrix_says_which_agents_do_not_act_on_it_yet(fleet: Path) ->
     ]
     _converge(fleet, rounds=1)
     assert "does not act on this yet" not in trustmgr("trust", "matrix").out
+
+
+def test_agents_renew_by_themselves_and_the_daemon_counts_who_it_waits_for(fleet: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from trustmgr import config as config_mod
+    from trustmgr.agent import config as agent_config
+    from trustmgr.agent.run import Agent
+    from trustmgr.daemon import Daemon
+    from trustmgr.engine import Workspace
+
+    config = config_mod.load(fleet / "trustmgr.yaml")
+    now = [datetime.now(UTC)]
+    daemon = Daemon(
+        config,
+        clock=lambda: now[0],
+        workspace=lambda: Workspace.build(config, clock=lambda: now[0]),
+    )
+
+    def metric(name: str) -> str:
+        text = generate_latest(daemon.metrics.registry).decode()
+        return "\n".join(line for line in text.splitlines() if line.startswith(name))
+
+    def agents() -> None:
+        for cluster in AGENTS:
+            agent = Agent.build(
+                agent_config.load(_agent_config(fleet, cluster)), clock=lambda: now[0]
+            )
+            try:
+                assert agent.run_once().ok
+            finally:
+                agent.close()
+
+    quiet = daemon.run_pass()
+    assert quiet is not None and not quiet.changed
+    assert metric("trustmgr_clusters_awaiting_agent") == "trustmgr_clusters_awaiting_agent 0.0"
+    before = {c: _held(fleet, c) for c in AGENTS}
+    now[0] += timedelta(days=21)  # inside renewBefore
+    waiting = daemon.run_pass()  # a-1 renewed; the agents have to make their CSRs first
+    assert waiting is not None
+    assert {o.cluster: o.action.value for o in waiting.outcomes if o.action.value != "none"} == {
+        "a-1": "renew",
+        **dict.fromkeys(AGENTS, "await-agent"),
+    }
+    assert metric("trustmgr_clusters_awaiting_agent") == "trustmgr_clusters_awaiting_agent 3.0"
+    agents()  # CSRs published
+    signed = daemon.run_pass()
+    assert signed is not None and {
+        o.action.value for o in signed.outcomes if o.cluster in AGENTS
+    } == {"sign"}
+    agents()  # renewed CAs written
+    done = daemon.run_pass()
+    assert done is not None and not done.changed
+    assert metric("trustmgr_clusters_awaiting_agent") == "trustmgr_clusters_awaiting_agent 0.0"
+    assert 'trustmgr_cluster_changes_total{action="sign"} 3.0' in metric(
+        "trustmgr_cluster_changes_total"
+    )
+    assert "await-agent" not in metric("trustmgr_cluster_changes_total")
+    for cluster in AGENTS:
+        held, old = _held(fleet, cluster), before[cluster]
+        assert held is not None and old is not None
+        new_ca = load_certificates(held.ca_cert, "ca")[0]
+        assert (
+            new_ca.not_valid_after_utc > load_certificates(old.ca_cert, "ca")[0].not_valid_after_utc
+        )
+        assert held.ca_key != old.ca_key  # a new key, made by the agent

@@ -43,6 +43,7 @@ from trustmgr.engine import apply
 from trustmgr.errors import TargetError, TrustmgrError
 from trustmgr.execute import Report
 from trustmgr.leader import LeaderElector, NotLeaderError
+from trustmgr.planner import Action
 from trustmgr.providers import ProviderError, ProviderTransientError
 from trustmgr.workspace import Workspace
 
@@ -105,6 +106,11 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.awaiting = Gauge(
+            "trustmgr_clusters_awaiting_agent",
+            "Agent-mode clusters whose agent has yet to act on what is published (or fails to).",
+            registry=r,
+        )
         self.leader = Gauge(
             "trustmgr_leader",
             "1 while this replica leads and runs passes (always, without leader election).",
@@ -115,8 +121,9 @@ class Metrics:
         for o in report.outcomes:
             if not o.ok:
                 self.failures.labels(reason=o.reason if o.started else "Interrupted").inc()
-            elif o.action.value != "none":
+            elif o.action.changes:
                 self.changes.labels(action=o.action.value).inc()
+        self.awaiting.set(sum(1 for o in report.outcomes if o.action is Action.AWAIT))
 
 
 @dataclass
@@ -243,7 +250,7 @@ class Daemon:
             self.health.ready, self.health.why_not_ready = True, "ok"
             if report.ok:
                 self.metrics.last_success.set(self.clock().timestamp())
-            changed = sum(1 for o in report.outcomes if o.ok and o.action.value != "none")
+            changed = sum(1 for o in report.outcomes if o.ok and o.action.changes)
             failed = sum(1 for o in report.outcomes if not o.ok)
             if changed or failed:
                 log.info("pass: %d changed, %d failed", changed, failed)
