@@ -491,3 +491,84 @@ def test_agents_renew_by_themselves_and_the_daemon_counts_who_it_waits_for(fleet
             new_ca.not_valid_after_utc > load_certificates(old.ca_cert, "ca")[0].not_valid_after_utc
         )
         assert held.ca_key != old.ca_key  # a new key, made by the agent
+
+
+class _Died(BaseException):
+    """A process killed outright: nothing after it runs, nothing catches it."""
+
+
+def test_an_agent_killed_at_any_write_leaves_a_whole_cacerts_and_finishes_next_time(
+    fleet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trustmgr.agent import config as agent_config
+    from trustmgr.agent.exchange import DirectoryExchange, DirectoryLocalStore
+    from trustmgr.agent.run import Agent
+    from trustmgr.targets.directory import DirectoryTarget
+
+    writes = [
+        (DirectoryLocalStore, "save"),
+        (DirectoryTarget, "write"),
+        (DirectoryExchange, "write_report"),
+    ]
+    config = fleet / "trustmgr.yaml"
+    algorithms = ["ECDSA_P384", "ECDSA_P256"]
+    for die_at in range(8):  # every write of the two passes a new CA takes
+        algorithm = algorithms[die_at % 2]
+        config.write_text(
+            CONFIG.replace("FEDERATIONS", FEDERATED)
+            + f"intermediates: {{keyAlgorithm: {algorithm}}}\n"
+        )
+        assert trustmgr("reconcile").code == 0  # publishes: a-2 must issue a CA of the new kind
+        before = _held(fleet, "a-2")
+        count = [0]
+        with monkeypatch.context() as m:
+            for cls, name in writes:
+                original = getattr(cls, name)
+
+                def dying(
+                    self: object,
+                    *args: object,
+                    _original: object = original,
+                    _count: list[int] = count,
+                    _at: int = die_at,
+                    **kwargs: object,
+                ) -> None:
+                    if _count[0] == _at:
+                        raise _Died
+                    _count[0] += 1
+                    _original(self, *args, **kwargs)  # type: ignore[operator]
+
+                m.setattr(cls, name, dying)
+            died = False
+            for _ in range(2):  # agent pass, central signs, agent pass
+                agent = Agent.build(
+                    agent_config.load(_agent_config(fleet, "a-2")), clock=lambda: datetime.now(UTC)
+                )
+                try:
+                    agent.run_once()
+                except _Died:
+                    died = True
+                    break
+                finally:
+                    agent.close()
+                assert trustmgr("reconcile").code == 0
+        assert died == (die_at < 7), die_at  # the two passes make 7 writes
+        held = _held(fleet, "a-2")
+        assert held is not None and istiod_problems(held, now=datetime.now(UTC)) == [], die_at
+        assert held == before or die_at >= 5, die_at  # cacerts changes at the fifth write only
+        assert (fleet / "out/a-2/.trustmgr-agent.json").stat().st_mode & 0o077 == 0
+        for _ in range(3):  # the next passes finish only what was left
+            assert _agent(fleet, "a-2")[0] == 0
+            assert trustmgr("reconcile").code == 0
+        held = _held(fleet, "a-2")
+        assert held is not None and istiod_problems(held, now=datetime.now(UTC)) == []
+        from trustmgr.pki import load_private_key
+        from trustmgr.providers.keys import key_algorithm_of
+
+        assert str(key_algorithm_of(load_private_key(held.ca_key, "key"))) == algorithm, die_at
+        plan = json.loads(trustmgr("plan", "-o", "json").out)
+        assert {c["cluster"]: c["action"] for c in plan["clusters"]}["a-2"] == "none", (
+            die_at,
+            died,
+        )
+        assert json.loads((fleet / "out/a-2/.trustmgr-agent.json").read_text())["pendingKey"] == ""

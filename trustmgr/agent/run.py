@@ -304,14 +304,15 @@ class Agent:
         if problems:
             raise TrustmgrError(f"refusing to write material istiod would reject: {problems[0]}")
         self.target.write(material, adopt=d.adopt)
-        local = self.local.load()
-        if local.pending_key and _holds(material, local):
-            self.local.save(replace(local, pending_key=b"", pending_csr=b""))
 
     def _report(self, desired: Desired | None, outcome: AgentOutcome, now: datetime) -> None:
         trust_domain = desired.trust_domain if desired is not None else None
         material = self.target.read()
         local = self.local.load()
+        if local.pending_key and material is not None and material.ca_key == local.pending_key:
+            # the key is in cacerts now (this pass or one stopped before this point)
+            local = replace(local, pending_key=b"", pending_csr=b"")
+            self.local.save(local)
         waiting = (
             local.pending_csr.decode()
             if local.pending_csr and desired is not None and desired.signer.kind == "central"
@@ -437,7 +438,3 @@ def _pending(local: AgentLocal, d: DesiredCluster) -> ClusterCARequest | None:
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         return None
     return ClusterCARequest(key, csr)
-
-
-def _holds(material: CACerts, local: AgentLocal) -> bool:
-    return material.ca_key == local.pending_key
