@@ -572,3 +572,27 @@ def test_an_agent_killed_at_any_write_leaves_a_whole_cacerts_and_finishes_next_t
             died,
         )
         assert json.loads((fleet / "out/a-2/.trustmgr-agent.json").read_text())["pendingKey"] == ""
+
+
+def test_a_mesh_of_agents_only_keeps_the_root_its_first_documents_name(workdir: Path) -> None:
+    (workdir / "trustmgr.yaml").write_text(
+        "stateStore: {file: {path: state}}\n"
+        "providers:\n  corp:\n    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}\n"
+        "meshes:\n  a:\n    trustDomain: a.example\n    provider: corp\n    clusters:\n"
+        "      a-2: {directory: {path: out/a-2}, mode: agent}\n"
+    )
+    plan = json.loads(trustmgr("plan", "-o", "json").out)
+    assert [p["provider"] for p in plan["providers"] if p["createRoot"]] == ["corp"]
+    assert trustmgr("agent", "publisher-key", "--out", "publisher.pem").code == 0
+    run = trustmgr("reconcile")
+    assert run.code == 0 and "created root of provider corp" in run.err + run.out, run.err
+    published = json.loads((workdir / "out/a-2/trustmgr-desired.json").read_text())
+    document = json.loads(base64.b64decode(published["payload"]))
+    (root,) = load_certificates(document["bundle"].encode(), "bundle")
+    assert (workdir / "state/providers/corp/root.pem").exists()
+    for _ in range(2):
+        assert _agent(workdir, "a-2")[0] == 0
+        assert trustmgr("reconcile").code == 0
+    held = _held(workdir, "a-2")
+    assert held is not None and istiod_problems(held, now=datetime.now(UTC)) == []
+    assert fingerprint(load_certificates(held.cert_chain, "c")[-1]) == fingerprint(root)

@@ -777,7 +777,7 @@ def decide(
         for name, root in sorted(observation.prepared.items())
         if fingerprint(root) in new_roots
         or any(
-            c.action.writes
+            (c.action.writes or c.action in (Action.PUBLISH, Action.SIGN))
             and c.desired is not None
             and c.desired.bundle is not None
             and fingerprint(root) in c.desired.bundle.fingerprints
