@@ -6,7 +6,7 @@ self-signed mesh, in one process, side by side:
 * the central pass with nothing to do (the daemon's pass, second and later);
 * one agent's pass with nothing to do.
 
-Each figure is the median (min–max) of ``--runs`` runs. Run through
+Each figure is the median (min-max) of ``--runs`` runs. Run through
 ``scripts/bench-agent``.
 """
 

@@ -12,6 +12,7 @@ What is read, in one vocabulary:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -157,12 +158,14 @@ def read_agent(ws: Workspace, cluster: str, trust_domain: str) -> Reading:
     published, sequence, problem = None, 0, None
     if published_bytes is not None:
         try:
-            sequence = unseal(published_bytes, None, where=exchange.where).sequence
             if key is None:
                 raise DocumentError(f"{exchange.where}: signed with a key this state does not hold")
             published = unseal(published_bytes, key.public_key(), where=exchange.where)
+            sequence = published.sequence
         except DocumentError as exc:
             problem = str(exc)
+            with contextlib.suppress(DocumentError):  # the next one is numbered past it
+                sequence = unseal(published_bytes, None, where=exchange.where).sequence
     report, report_problem = None, None
     if report_bytes is not None:
         try:

@@ -550,11 +550,13 @@ def chain_problems(material: CACerts) -> list[str]:
 
 
 _SEEN_MAX = 8192
-_seen: dict[tuple[str, str | None], tuple[ObservedCA, datetime, datetime]] = {}
+_seen: dict[tuple[str, str | None, bool], tuple[ObservedCA, datetime, datetime]] = {}
 _seen_lock = threading.Lock()
 
 
-def observe(material: CACerts, *, trust_domain: str | None, now: datetime) -> ObservedCA:
+def observe(
+    material: CACerts, *, trust_domain: str | None, now: datetime, with_key: bool = True
+) -> ObservedCA:
     """Parse and check a target's material. Never raises on bad material.
 
     The answer depends on ``now`` only through comparisons with the validity
@@ -562,11 +564,11 @@ def observe(material: CACerts, *, trust_domain: str | None, now: datetime) -> Ob
     digest) with the open interval between the bounds around the time it was
     made, and given again for any ``now`` inside it: a process that observes the
     same material pass after pass (the daemon) parses and verifies it once."""
-    key = (material.digest(), trust_domain)
+    key = (material.digest(), trust_domain, with_key)
     kept = _seen.get(key)
     if kept is not None and kept[1] < now < kept[2]:
         return kept[0]
-    observed = _observe(material, trust_domain=trust_domain, now=now)
+    observed = _observe(material, trust_domain=trust_domain, now=now, with_key=with_key)
     after, before = _bounds_around(material, now)
     if after < now < before:
         with _seen_lock:
@@ -598,7 +600,7 @@ def observe_public(
 ) -> ObservedCA:
     """What public material says (``material.ca_key`` is empty: an agent's report),
     with the problems the agent ``reported`` of the key it alone holds."""
-    observed = _observe(material, trust_domain=trust_domain, now=now, with_key=False)
+    observed = observe(material, trust_domain=trust_domain, now=now, with_key=False)
     problems = tuple(dict.fromkeys((*observed.problems, *reported)))
     return replace(observed, problems=problems)
 
