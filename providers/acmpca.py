@@ -195,6 +195,8 @@ class AcmPcaProvider:
         self._config = config
         self._clock = clock
         self._client = client
+        self._built: ACMPCAClient | None = None
+        """The client this provider built, and so closes."""
         self._poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self._signing_algorithm: SigningAlgorithmType | None = None
@@ -267,8 +269,19 @@ class AcmPcaProvider:
     def _pca(self) -> PcaClient:
         with self._lock:
             if self._client is None:
-                self._client = build_client(self.name, self._config)
+                self._built = build_client(self.name, self._config)
+                self._client = self._built
             return self._client
+
+    def close(self) -> None:
+        """Release the connections of the client the provider built (one given
+        to it is its owner's to close); a later call builds another."""
+        with self._lock:
+            built, self._built = self._built, None
+            if built is not None:
+                self._client = None
+        if built is not None:
+            built.close()
 
     def _check_active(self) -> SigningAlgorithmType:
         """On first use, refuse a CA that is not ACTIVE; return the signing algorithm."""

@@ -6,40 +6,50 @@ Three seams, each where the remote side cannot run here:
   template, signing algorithm, validity from the injected clock, idempotency
   token) and answers carrying certificates the test builds as AWS would with the
   template, including RequestInProgressException polls and every error class;
-* ``StubbedPca``: the Stubber answering dynamically for the conformance suite;
+* ``StubbedPca`` (tests/pca.py): the Stubber answering dynamically for the
+  conformance suite;
 * moto's ACM PCA over HTTP (``MotoServer``): the call sequence, botocore's own
   retries, assume-role, and the core refusing moto's non-CA certificates.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
-from botocore.compat import HTTPHeaders
 from botocore.exceptions import ClientError
 from botocore.model import OperationModel
 from botocore.stub import Stubber
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from tests.conformance import ProviderConformance
 from tests.moto_server import MotoServer
+from tests.pca import (
+    ARN,
+    CERT_ARN,
+    KEY_ID,
+    NOW,
+    REGION,
+    SECRET,
+    TEMPLATE,
+    Authority,
+    StubbedPca,
+    aws_identity,
+    described,
+    idempotency_token,
+    json_error,
+    operation_of,
+)
 from tests.workload import assert_openssl_enforces_trust_domain
 from trustmgr.bundles import load_certificates
 from trustmgr.config import load as load_config
@@ -50,155 +60,14 @@ from trustmgr.providers import Provider, ProviderNeedsFixError, ProviderTransien
 from trustmgr.providers.acmpca import AcmPcaProvider, build_client, default_template_arn
 from trustmgr.providers.base import BACKDATE
 from trustmgr.providers.config import AcmPcaConfig
-from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage
+from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.status import verify_all
 
 if TYPE_CHECKING:
     from mypy_boto3_acm_pca.client import ACMPCAClient
 
-REGION = "us-east-1"
-ARN = f"arn:aws:acm-pca:{REGION}:111122223333:certificate-authority/0e1f2a3b-4c5d-6e7f-8091-a2b3c4d5e6f7"
-TEMPLATE = "arn:aws:acm-pca:::template/SubordinateCACertificate_PathLen0_CSRPassthrough/V1"
-CERT_ARN = f"{ARN}/certificate/6f0c2e9a1b7d4c3e8a5f0b1c2d3e4f50"
-NOW = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
 TRUST_DOMAIN = "payments.corp"
-KEY_ID = "AKIAIOSFODNN7EXAMPLE"
-SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 DOCS = "docs/providers/acmpca.md"
-
-
-def _pem(*certs: x509.Certificate) -> str:
-    return "".join(c.public_bytes(Encoding.PEM).decode() for c in certs)
-
-
-@dataclass(frozen=True)
-class Authority:
-    """What the test plays AWS with: a root, and the private CA that issues
-    (the root itself, or a subordinate of it)."""
-
-    root: x509.Certificate
-    ca: x509.Certificate
-    ca_key: ec.EllipticCurvePrivateKey
-
-    @classmethod
-    def create(
-        cls,
-        now: datetime,
-        *,
-        subordinate: bool = True,
-        lifetime: timedelta = timedelta(days=3650),
-        age: timedelta = timedelta(days=1),
-    ) -> Authority:
-        """``age``: how long before ``now`` the private CA became valid."""
-        root_key = ec.generate_private_key(ec.SECP256R1())
-        root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test PCA Root")])
-        root = (
-            x509.CertificateBuilder()
-            .subject_name(root_name)
-            .issuer_name(root_name)
-            .public_key(root_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + lifetime)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(ca_key_usage(digital_signature=False), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False
-            )
-            .sign(root_key, hashes.SHA256())
-        )
-        if not subordinate:
-            return cls(root=root, ca=root, ca_key=root_key)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test PCA")]))
-            .issuer_name(root_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - age)
-            .not_valid_after(now + lifetime)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(ca_key_usage(digital_signature=True), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
-                critical=False,
-            )
-            .sign(root_key, hashes.SHA256())
-        )
-        return cls(root=root, ca=ca, ca_key=ca_key)
-
-    @property
-    def above(self) -> tuple[x509.Certificate, ...]:
-        """The certificates above the private CA, root last."""
-        return () if self.ca == self.root else (self.root,)
-
-    def sign(
-        self,
-        csr: x509.CertificateSigningRequest,
-        *,
-        not_after: datetime,
-        now: datetime,
-        not_before: datetime | None = None,
-    ) -> x509.Certificate:
-        """What AWS issues with SubordinateCACertificate_PathLen0_CSRPassthrough/V1:
-        the template's BasicConstraints and KeyUsage, SKI from the CSR's key,
-        AKI from the CA, every other CSR extension copied, notBefore as asked
-        (ValidityNotBefore) or 60 minutes back (AWS's default)."""
-        template = (x509.BasicConstraints, x509.KeyUsage)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(csr.subject)
-            .issuer_name(self.ca.subject)
-            .public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before or now - timedelta(minutes=60))
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(ca_key_usage(digital_signature=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), False
-            )
-        )
-        for ext in csr.extensions:
-            if not isinstance(ext.value, template):
-                builder = builder.add_extension(ext.value, critical=ext.critical)
-        return builder.sign(self.ca_key, hashes.SHA256())
-
-    def certificate_answer(self) -> dict[str, str]:
-        """GetCertificateAuthorityCertificate: a root CA has no chain."""
-        answer = {"Certificate": _pem(self.ca)}
-        if self.above:
-            answer["CertificateChain"] = _pem(*self.above)
-        return answer
-
-    def issued_answer(self, cert: x509.Certificate) -> dict[str, str]:
-        """GetCertificate: the chain runs issuer first, root last."""
-        return {"Certificate": _pem(cert), "CertificateChain": _pem(self.ca, *self.above)}
-
-
-def _described(status: str = "ACTIVE", signing: str = "SHA256WITHECDSA") -> dict[str, Any]:
-    return {
-        "CertificateAuthority": {
-            "Arn": ARN,
-            "Type": "SUBORDINATE",
-            "Status": status,
-            "UsageMode": "GENERAL_PURPOSE",
-            "CertificateAuthorityConfiguration": {
-                "KeyAlgorithm": "EC_prime256v1",
-                "SigningAlgorithm": signing,
-                "Subject": {"CommonName": "Test PCA"},
-            },
-        }
-    }
-
-
-def _token(csr: x509.CertificateSigningRequest) -> str:
-    return hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest()[:32]
 
 
 def _config(**overrides: Any) -> AcmPcaConfig:
@@ -230,7 +99,7 @@ def stubber(pca_client: ACMPCAClient) -> Iterator[Stubber]:
 
 def _expect_start(stub: Stubber, authority: Authority, signing: str = "SHA256WITHECDSA") -> None:
     params = {"CertificateAuthorityArn": ARN}
-    stub.add_response("describe_certificate_authority", _described(signing=signing), params)
+    stub.add_response("describe_certificate_authority", described(signing=signing), params)
     stub.add_response(
         "get_certificate_authority_certificate", authority.certificate_answer(), params
     )
@@ -273,7 +142,7 @@ def test_issues_with_the_exact_request_and_returns_the_chain_without_the_root(
             "TemplateArn": TEMPLATE,
             "Validity": {"Type": "ABSOLUTE", "Value": 1932724800},  # NOW + 30 days
             "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": 1930132500},  # NOW - 5 minutes
-            "IdempotencyToken": _token(request.csr),
+            "IdempotencyToken": idempotency_token(request.csr),
         },
     )
     _expect_polls(stubber, authority, issued, in_progress=1)
@@ -305,7 +174,7 @@ def test_configured_signing_algorithm_and_template_win(
             "TemplateArn": template,
             "Validity": {"Type": "ABSOLUTE", "Value": int((NOW + timedelta(hours=1)).timestamp())},
             "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": int((NOW - BACKDATE).timestamp())},
-            "IdempotencyToken": _token(request.csr),
+            "IdempotencyToken": idempotency_token(request.csr),
         },
     )
     _expect_polls(stubber, authority, issued, in_progress=0)
@@ -332,7 +201,7 @@ def test_validity_is_cut_to_the_private_cas_not_after(
             "TemplateArn": TEMPLATE,
             "Validity": {"Type": "ABSOLUTE", "Value": int(ca_end.timestamp())},
             "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": int((NOW - BACKDATE).timestamp())},
-            "IdempotencyToken": _token(request.csr),
+            "IdempotencyToken": idempotency_token(request.csr),
         },
     )
     _expect_polls(stubber, authority, issued, in_progress=0)
@@ -353,7 +222,7 @@ def _expect_issue(
             "TemplateArn": TEMPLATE,
             "Validity": {"Type": "ABSOLUTE", "Value": not_after},
             "ValidityNotBefore": {"Type": "ABSOLUTE", "Value": not_before},
-            "IdempotencyToken": _token(request),
+            "IdempotencyToken": idempotency_token(request),
         },
     )
 
@@ -407,7 +276,7 @@ def test_not_before_is_not_earlier_than_a_young_private_cas(
     stubber.assert_no_pending_responses()
 
 
-def test_a_retried_issuance_sends_the_same_idempotency_token(
+def test_a_retried_issuance_sends_the_same_idempotencyidempotency_token(
     pca_client: ACMPCAClient, stubber: Stubber
 ) -> None:
     authority = Authority.create(NOW)
@@ -421,7 +290,7 @@ def test_a_retried_issuance_sends_the_same_idempotency_token(
         "Csr": request.csr.public_bytes(Encoding.PEM),
         "SigningAlgorithm": "SHA256WITHECDSA",
         "TemplateArn": TEMPLATE,
-        "IdempotencyToken": _token(request.csr),
+        "IdempotencyToken": idempotency_token(request.csr),
     }
     stubber.add_client_error(
         "issue_certificate",
@@ -491,7 +360,7 @@ def test_a_ca_that_is_not_active_is_refused_on_first_use(
     error: type[Exception],
     advice: str,
 ) -> None:
-    stubber.add_response("describe_certificate_authority", _described(status))
+    stubber.add_response("describe_certificate_authority", described(status))
     request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
     with pytest.raises(error) as info:
         _provider(pca_client).sign_ca(request.csr, timedelta(days=1))
@@ -511,7 +380,7 @@ def _stub_failure(
         "get_certificate",
     ]
     answers: dict[str, dict[str, Any]] = {
-        "describe_certificate_authority": _described(),
+        "describe_certificate_authority": described(),
         "get_certificate_authority_certificate": authority.certificate_answer(),
         "issue_certificate": {"CertificateArn": CERT_ARN},
     }
@@ -627,7 +496,7 @@ def test_a_needs_fix_error_makes_the_next_use_check_the_ca_again(
 ) -> None:
     authority = Authority.create(NOW)
     _stub_failure(stubber, authority, "issue_certificate", "InvalidStateException", 400)
-    stubber.add_response("describe_certificate_authority", _described("DISABLED"))
+    stubber.add_response("describe_certificate_authority", described("DISABLED"))
     provider = _provider(pca_client)
     request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
     with pytest.raises(ProviderNeedsFixError, match="InvalidStateException"):
@@ -719,75 +588,6 @@ def test_bad_configuration_is_refused(overrides: dict[str, Any], problem: str) -
 # --- conformance: the Stubber answering dynamically ----------------------------------------
 
 
-class StubbedPca:
-    """AWS Private CA played by an ``Authority`` behind botocore's Stubber.
-
-    The Stubber only serves answers queued in advance, but the CSR differs per
-    call. So each answer is computed from the call's own parameters and queued
-    on ``provide-client-params``, the event botocore emits before the Stubber
-    checks the parameters and serves the queue. The Stubber still validates
-    every answer against the service model. The first poll of each certificate
-    answers RequestInProgressException, as AWS may.
-    """
-
-    def __init__(self, client: ACMPCAClient, authority: Authority, clock: Callable[[], datetime]):
-        self._client = client
-        self._authority = authority
-        self._clock = clock
-        self._stubber = Stubber(client)
-        self._issued: dict[str, x509.Certificate] = {}
-        self._polled: set[str] = set()
-
-    def __enter__(self) -> StubbedPca:
-        self._client.meta.events.register("provide-client-params.acm-pca", self._answer)
-        self._stubber.activate()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._stubber.deactivate()
-        self._client.meta.events.unregister("provide-client-params.acm-pca", self._answer)
-        self._stubber.assert_no_pending_responses()
-
-    def _answer(self, params: dict[str, Any], model: OperationModel, **_: Any) -> None:
-        stub, authority = self._stubber, self._authority
-        if model.name == "DescribeCertificateAuthority":
-            stub.add_response("describe_certificate_authority", _described(), params)
-        elif model.name == "GetCertificateAuthorityCertificate":
-            answer = authority.certificate_answer()
-            stub.add_response("get_certificate_authority_certificate", answer, params)
-        elif model.name == "IssueCertificate":
-            assert params["TemplateArn"] == TEMPLATE
-            assert params["SigningAlgorithm"] == "SHA256WITHECDSA"
-            assert params["Validity"]["Type"] == "ABSOLUTE"
-            assert params["ValidityNotBefore"]["Type"] == "ABSOLUTE"
-            csr = x509.load_pem_x509_csr(params["Csr"])
-            not_after = datetime.fromtimestamp(params["Validity"]["Value"], UTC)
-            not_before = datetime.fromtimestamp(params["ValidityNotBefore"]["Value"], UTC)
-            cert = authority.sign(
-                csr, not_after=not_after, now=self._clock(), not_before=not_before
-            )
-            arn = f"{ARN}/certificate/{cert.serial_number:x}"
-            self._issued[arn] = cert
-            stub.add_response("issue_certificate", {"CertificateArn": arn}, params)
-        elif model.name == "GetCertificate":
-            arn = params["CertificateArn"]
-            if arn not in self._polled:
-                self._polled.add(arn)
-                stub.add_client_error(
-                    "get_certificate", "RequestInProgressException", expected_params=params
-                )
-            else:
-                answer = authority.issued_answer(self._issued[arn])
-                stub.add_response("get_certificate", answer, params)
-        else:
-            raise AssertionError(f"unexpected call to {model.name}")
-
-
 class TestAcmPcaConformance(ProviderConformance):
     @pytest.fixture
     def provider(self, pca_client: ACMPCAClient) -> Iterator[AcmPcaProvider]:
@@ -802,30 +602,6 @@ class TestAcmPcaConformance(ProviderConformance):
 # --- over HTTP: moto's ACM PCA ---------------------------------------------------------------
 
 
-class _Body:
-    """A raw HTTP body for an AWSResponse made up by a test."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        yield self._data
-
-
-def _json_error(request: AWSPreparedRequest, status: int, code: str, message: str) -> AWSResponse:
-    """An AWS JSON-protocol error, as returned by a ``before-send`` handler
-    (botocore then skips the network; the stubs type handlers as returning None)."""
-    body = json.dumps({"__type": code, "message": message}).encode()
-    headers = HTTPHeaders.from_dict({"Content-Type": "application/x-amz-json-1.1"})
-    return AWSResponse(request.url, status, headers, _Body(body))
-
-
-def _target(request: AWSPreparedRequest) -> str:
-    value = request.headers["X-Amz-Target"]
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    return text.rsplit(".", 1)[-1]
-
-
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
     with MotoServer() as url:
@@ -835,13 +611,7 @@ def moto_url() -> Iterator[str]:
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Fake credentials, and nothing else from this machine's AWS setup."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ROLE_ARN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDMOTOEXAMPLE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto-secret")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    aws_identity(monkeypatch, tmp_path, "AKIDMOTOEXAMPLE", "moto-secret")
 
 
 @pytest.fixture
@@ -888,7 +658,7 @@ def test_the_call_sequence_over_http_and_the_core_refuses_motos_non_ca_certifica
     client = build_client("pca", config)
     calls: list[str] = []
     client.meta.events.register(
-        "before-send.acm-pca", lambda request, **_: calls.append(_target(request))
+        "before-send.acm-pca", lambda request, **_: calls.append(operation_of(request))
     )
     provider = AcmPcaProvider("pca", config, lambda: datetime.now(UTC), client)
     request = cluster_ca_request(TRUST_DOMAIN, cluster="east", algorithm=KeyAlgorithm.ECDSA_P256)
@@ -925,7 +695,7 @@ def test_a_provider_builds_its_own_client_on_first_use(
 @pytest.mark.parametrize(
     ("code", "status"), [("ThrottlingException", 400), ("InternalFailure", 500)]
 )
-def test_botocore_retries_throttling_and_5xx_with_the_same_token(
+def test_botocore_retries_throttling_and_5xx_with_the_sameidempotency_token(
     moto_url: str, moto_ca: tuple[str, x509.Certificate], code: str, status: int
 ) -> None:
     arn, _ = moto_ca
@@ -934,13 +704,13 @@ def test_botocore_retries_throttling_and_5xx_with_the_same_token(
     tokens: list[str] = []
 
     def fail_the_first_issue(request: AWSPreparedRequest, **_: Any) -> AWSResponse | None:
-        if _target(request) != "IssueCertificate":
+        if operation_of(request) != "IssueCertificate":
             return None
         assert isinstance(request.body, bytes)
         tokens.append(json.loads(request.body)["IdempotencyToken"])
         if len(tokens) > 1:
             return None  # moto answers
-        return _json_error(request, status, code, "try again")
+        return json_error(request, status, code, "try again")
 
     client.meta.events.register("before-send.acm-pca", fail_the_first_issue)  # type: ignore[arg-type]
     provider = AcmPcaProvider("pca", config, lambda: datetime.now(UTC), client)
@@ -949,7 +719,7 @@ def test_botocore_retries_throttling_and_5xx_with_the_same_token(
         provider.sign_ca(request.csr, timedelta(hours=1))
     finally:
         client.close()
-    assert tokens == [_token(request.csr)] * 2
+    assert tokens == [idempotency_token(request.csr)] * 2
 
 
 def test_what_still_fails_after_botocores_retries_is_transient(
@@ -960,9 +730,9 @@ def test_what_still_fails_after_botocores_retries_is_transient(
     client = build_client("pca", config)
 
     def throttle(request: AWSPreparedRequest, **_: Any) -> AWSResponse | None:
-        if _target(request) != "IssueCertificate":
+        if operation_of(request) != "IssueCertificate":
             return None
-        return _json_error(request, 400, "ThrottlingException", "Rate exceeded")
+        return json_error(request, 400, "ThrottlingException", "Rate exceeded")
 
     client.meta.events.register("before-send.acm-pca", throttle)  # type: ignore[arg-type]
     provider = AcmPcaProvider("pca", config, lambda: datetime.now(UTC), client)

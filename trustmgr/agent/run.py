@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel, ValidationError
 
 from trustmgr.agent.config import AgentConfig
 from trustmgr.agent.document import (
@@ -68,6 +70,7 @@ from trustmgr.workspace import default_target
 log = logging.getLogger(__name__)
 
 ProviderFactory = Callable[[Signer], Provider]
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -357,18 +360,15 @@ class Agent:
                     "agent's configuration"
                 )
             v = creds.vault
-            entry = ProviderConfig(
-                vault=VaultConfig.model_validate(
-                    {
-                        **{k: val for k, val in signer.settings.items() if val is not None},
-                        "auth": v.auth,
-                        "caCert": v.ca_cert,
-                        "tlsSkipVerify": v.tls_skip_verify,
-                        "timeout": v.timeout,
-                        "maxRetries": v.max_retries,
-                    }
-                )
-            )
+            settings = {
+                **{k: val for k, val in signer.settings.items() if val is not None},
+                "auth": v.auth,
+                "caCert": v.ca_cert,
+                "tlsSkipVerify": v.tls_skip_verify,
+                "timeout": v.timeout,
+                "maxRetries": v.max_retries,
+            }
+            entry = ProviderConfig(vault=self._settings(VaultConfig, signer, settings))
         elif signer.kind == "acmPca":
             a = creds.acm_pca if creds is not None else None
             local = (
@@ -381,11 +381,10 @@ class Agent:
                     "maxAttempts": a.max_attempts,
                 }
             )
-            entry = ProviderConfig(
-                acm_pca=AcmPcaConfig.model_validate(
-                    {k: val for k, val in {**signer.settings, **local}.items() if val is not None}
-                )
-            )
+            settings = {
+                k: val for k, val in {**signer.settings, **local}.items() if val is not None
+            }
+            entry = ProviderConfig(acm_pca=self._settings(AcmPcaConfig, signer, settings))
         else:
             raise DocumentError(
                 f"the desired document names signer kind {signer.kind!r}, unknown to this agent"
@@ -393,6 +392,22 @@ class Agent:
         return build_provider(
             signer.provider, entry, blobs=_NoBlobs(), clock=self.clock, generation=signer.generation
         )
+
+    def _settings(self, model: type[M], signer: Signer, settings: dict[str, Any]) -> M:
+        """The provider's settings, from the document's and this agent's; what
+        cannot be used is one line, not a traceback."""
+        try:
+            return model.model_validate(settings)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors(include_url=False):
+                where = ".".join(str(part) for part in error["loc"])
+                message = str(error["msg"]).removeprefix("Value error, ")
+                problems.append(f"{where}: {message}" if where else message)
+            raise DocumentError(
+                f"{self.exchange.where}: the desired document's {signer.kind} settings of "
+                f"provider {signer.provider} are unusable: {'; '.join(problems)}; nothing written"
+            ) from None
 
 
 def run_forever(agent: Agent, stop: threading.Event) -> None:
