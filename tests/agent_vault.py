@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from tests.conftest import REPO
 from tests.kube_emulator import KubeEmulator, stop_many
 from tests.openbao import OpenBaoServer
+from trustmgr.agent.config import AgentProviderCredentials
 from trustmgr.bundles import pem
 from trustmgr.providers.keys import ca_key_usage
 
@@ -102,9 +103,13 @@ def doc_policy(mesh: Mesh) -> str:
 
 
 def doc_provider(mesh: Mesh) -> dict[str, Any]:
+    """The ``vault`` entry the doc's yaml gives the agent of ``mesh``'s cluster for the
+    mesh's provider, checked as an agent's configuration takes it: its own login only (the
+    address and mount come from the central configuration, in the desired document)."""
     (block,) = doc_blocks("yaml")
     providers = yaml.safe_load(for_mesh(mesh, block))["providers"]
     assert list(providers) == [mesh.provider]
+    AgentProviderCredentials.model_validate(providers[mesh.provider])
     vault = providers[mesh.provider]["vault"]
     assert isinstance(vault, dict)
     return vault

@@ -70,12 +70,13 @@ def setup(openbao: OpenBaoServer, tmp_path_factory: pytest.TempPathFactory) -> I
 @pytest.fixture
 def agent(setup: Setup, tmp_path: Path) -> Iterator[Agent]:
     """``agent(mesh, **changes)``: the provider the agent of ``mesh``'s cluster builds from the
-    doc's yaml, logging in with its service-account token; ``changes`` override the doc's
-    settings (``auth_mount``/``role`` override the Kubernetes auth, ``token_file`` the token)."""
+    mesh's mount and the doc's yaml, logging in with its service-account token; ``changes``
+    override the settings (``auth_mount``/``role`` override the Kubernetes auth, ``token_file``
+    the token)."""
     made: list[VaultProvider] = []
 
     def build(mesh: Mesh, **changes: Any) -> VaultProvider:
-        settings = doc_provider(mesh)
+        settings = {"mount": mesh.mount, **doc_provider(mesh)}
         kubernetes = settings["auth"]["kubernetes"]
         kubernetes["mount"] = changes.pop("auth_mount", kubernetes["mount"])
         kubernetes["role"] = changes.pop("role", kubernetes["role"])
