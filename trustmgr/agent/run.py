@@ -143,8 +143,10 @@ class Agent:
         self.exchange.close()
         self.local.close()
 
-    def run_once(self) -> AgentOutcome:
-        """One pass; every failure is one line in the outcome and in the report."""
+    def run_once(self, *, log_errors: bool = True) -> AgentOutcome:
+        """One pass; every failure is one line in the outcome and in the report, and a
+        warning in the log unless ``log_errors`` is False (``agent run --once`` prints the
+        line itself: stderr holds it once)."""
         now = self.clock()
         desired: Desired | None = None
         try:
@@ -163,7 +165,8 @@ class Agent:
             error = f"{outcome.error + '; ' if outcome.error else ''}cannot report: {exc}"
             outcome = replace(outcome, error=error, exit_code=outcome.exit_code or 1)
         if outcome.error:
-            log.warning("cluster %s: %s", self.config.cluster, outcome.error)
+            if log_errors:
+                log.warning("%s", _of_cluster(self.config.cluster, outcome.error))
         elif outcome.action is not Action.NONE:
             log.info("cluster %s: %s (%s)", self.config.cluster, outcome.message, outcome.reason)
         return outcome
@@ -437,6 +440,13 @@ class _NoBlobs:
 
     def delete(self, name: str) -> None:
         pass
+
+
+def _of_cluster(cluster: str, message: str) -> str:
+    """``message`` naming ``cluster`` first, once (many errors name it already)."""
+    if message.startswith((f"cluster {cluster} ", f"cluster {cluster}:")):
+        return message
+    return f"cluster {cluster}: {message}"
 
 
 def _pending(local: AgentLocal, d: DesiredCluster) -> ClusterCARequest | None:
