@@ -602,7 +602,8 @@ def test_a_replayed_document_is_refused_with_one_line_and_cacerts_untouched(
         _put_desired(world, "b1", old)
         refused = world.agent_process("b1")
         line = (
-            f"the desired document has sequence {was['sequence']}, older than the applied "
+            f"{_where('b1')}: the desired document has sequence {was['sequence']}, older than "
+            "the applied "
             f"{new['sequence']}: refusing a replayed document; nothing was changed"
         )
         assert (refused.returncode, refused.stdout) == (2, "")

@@ -241,17 +241,17 @@ def unseal(data: bytes, key: Ed25519PublicKey | None, *, where: str) -> Desired:
 
 
 def check_sequence(
-    desired: Desired, envelope_digest: str, applied: int, applied_digest: str
+    desired: Desired, envelope_digest: str, applied: int, applied_digest: str, *, where: str
 ) -> None:
     """Refuse a replayed document: older than the one applied, or another with its number."""
     if desired.sequence < applied:
         raise DocumentError(
-            f"the desired document has sequence {desired.sequence}, older than the applied "
+            f"{where}: the desired document has sequence {desired.sequence}, older than the applied "
             f"{applied}: refusing a replayed document; nothing was changed"
         )
     if desired.sequence == applied and applied_digest and envelope_digest != applied_digest:
         raise DocumentError(
-            f"the desired document has sequence {desired.sequence}, already applied with other "
+            f"{where}: the desired document has sequence {desired.sequence}, already applied with other "
             "content: refusing a replayed or forged document; nothing was changed"
         )
 

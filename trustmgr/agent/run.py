@@ -186,7 +186,9 @@ class Agent:
                 f"this agent is {self.config.cluster}: refusing it"
             )
         local = self.local.load()
-        check_sequence(desired, digest(data), local.sequence, local.digest)
+        check_sequence(
+            desired, digest(data), local.sequence, local.digest, where=self.exchange.where
+        )
         if (desired.sequence, digest(data)) != (local.sequence, local.digest):
             self.local.save(replace(local, sequence=desired.sequence, digest=digest(data)))
         return desired
