@@ -57,6 +57,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1005,10 +1006,15 @@ class KubeEmulator:
         self._revision = 0
         self._faults: list[Fault] = []
         self._allow: list[Rule] | None = None
+        self._allow_of: dict[str, list[Rule]] = {}
+        """Users other than :attr:`user` given Roles of their own (:meth:`apply_rbac`)."""
         self._deny: list[Rule] = []
         self._server: asyncio.Server | None = None
         self._hub: _LoopThread | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: weakref.WeakSet[asyncio.WriteTransport] = weakref.WeakSet()
+        """Every connection's transport until it is collected: one closed with TLS may still
+        be shutting down (waiting for the client's close_notify) when the server stops."""
         self._port = 0
         for name in namespaces:
             self.add_namespace(name)
@@ -1107,15 +1113,24 @@ class KubeEmulator:
             self._allow = [*(self._allow or []), rule]
         return rule
 
-    def apply_rbac(self, objects: Iterable[Mapping[str, Any]]) -> list[Rule]:
-        """Authorize exactly what these Roles grant :attr:`user` through these RoleBindings.
+    def apply_rbac(
+        self, objects: Iterable[Mapping[str, Any]], *, user: str | None = None
+    ) -> list[Rule]:
+        """Authorize exactly what these Roles grant ``user`` (:attr:`user` unless given)
+        through these RoleBindings.
 
         Bindings naming ``user`` (a ``User`` of that name, or the ``ServiceAccount`` behind a
         ``system:serviceaccount:<namespace>:<name>`` user) make each rule of their Role, in the
         binding's namespace, an allow rule with its ``apiGroups``, ``resources``, ``verbs`` and
         ``resourceNames``.  Everything else is then forbidden, as it is for a service account
         with only these Roles.  ClusterRoles are not emulated: a binding to one is an error.
+
+        A ``user`` other than :attr:`user` is a client of its own (a user of ``tokens``, or an
+        issued service-account token's): its requests are authorized by the rules granted to
+        it alone, the others' by :attr:`user`'s, so two identities with different Roles can
+        work on one cluster at once.  Deny rules apply to every client.
         """
+        user = self.user if user is None else user
         objects = list(objects)
         roles = {
             (o["metadata"]["namespace"], o["metadata"]["name"]): o
@@ -1125,7 +1140,7 @@ class KubeEmulator:
         granted: list[Rule] = []
         for binding in (o for o in objects if o.get("kind") == "RoleBinding"):
             namespace = binding["metadata"]["namespace"]
-            if not any(self._is_user(s, namespace) for s in binding.get("subjects", [])):
+            if not any(self._is_user(s, namespace, user) for s in binding.get("subjects", [])):
                 continue
             ref = binding["roleRef"]
             if ref.get("kind") != "Role":
@@ -1144,18 +1159,23 @@ class KubeEmulator:
                     )
                 )
         with self._lock:
-            self._allow = [*(self._allow or []), *granted]
+            if user == self.user:
+                self._allow = [*(self._allow or []), *granted]
+            else:
+                self._allow_of[user] = [*self._allow_of.get(user, []), *granted]
         return granted
 
-    def _is_user(self, subject: Mapping[str, Any], binding_namespace: str) -> bool:
+    @staticmethod
+    def _is_user(subject: Mapping[str, Any], binding_namespace: str, user: str) -> bool:
         if subject.get("kind") == "ServiceAccount":
             namespace = subject.get("namespace") or binding_namespace
-            return self.user == f"system:serviceaccount:{namespace}:{subject.get('name')}"
-        return subject.get("kind") == "User" and subject.get("name") == self.user
+            return user == f"system:serviceaccount:{namespace}:{subject.get('name')}"
+        return subject.get("kind") == "User" and subject.get("name") == user
 
     def reset_rbac(self) -> None:
         with self._lock:
             self._allow, self._deny = None, []
+            self._allow_of.clear()
 
     # service-account tokens
 
@@ -1358,12 +1378,15 @@ class KubeEmulator:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._server.wait_closed()
         self._server, self._port = None, 0
+        for transport in list(self._connections):
+            transport.abort()  # a TLS shutdown still waiting on its client ends now
         await asyncio.sleep(0)  # let the closed transports release their sockets
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._connections.add(writer.transport)
         try:
             while (request := await _read_request(reader)) is not None:
                 close = request.headers.get("connection", "").lower() == "close"
@@ -1464,7 +1487,7 @@ class KubeEmulator:
         if verb is None:
             message = "the server does not allow this method on the requested resource"
             raise ApiError(405, message, "MethodNotAllowed", route.rt.details(route.name))
-        self._authorize(verb, route)
+        self._authorize(verb, route, self._client(request))
         dry_run = query.get("dryRun") == "All"
         if verb == "get":
             return 200, self._get(route)
@@ -1501,7 +1524,7 @@ class KubeEmulator:
         if request.method != "POST":
             message = "the server does not allow this method on the requested resource"
             raise ApiError(405, message, "MethodNotAllowed", _TOKEN_REVIEWS.details())
-        self._authorize("create", route)
+        self._authorize("create", route, self._client(request))
         review = self._decode(_TOKEN_REVIEWS, request.body)
         spec = review.get("spec")
         spec = spec if isinstance(spec, dict) else {}
@@ -1594,21 +1617,20 @@ class KubeEmulator:
         message = "the server could not find the requested resource"
         raise ApiError(404, message, "NotFound", {})
 
-    def _authorize(self, verb: str, route: _Route) -> None:
+    def _authorize(self, verb: str, route: _Route, client: str) -> None:
         rt, name = route.rt, route.name
         # kube's RequestInfo takes a namespace's own name as the request's namespace.
         namespace = name if rt.plural == "namespaces" else route.namespace
         denied = any(rule.matches(verb, rt.plural, namespace, name) for rule in self._deny)
-        if not denied and self._allow is not None:
-            denied = not any(
-                r.matches(verb, rt.plural, namespace, name, rt.group) for r in self._allow
-            )
+        allow = self._allow_of.get(client, self._allow) if client != self.user else self._allow
+        if not denied and allow is not None:
+            denied = not any(r.matches(verb, rt.plural, namespace, name, rt.group) for r in allow)
         if not denied:
             return
         subject = f'{rt.qualified} "{name}"' if name else rt.qualified
         scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
         message = (
-            f'{subject} is forbidden: User "{self.user}" cannot {verb} resource "{rt.plural}" '
+            f'{subject} is forbidden: User "{client}" cannot {verb} resource "{rt.plural}" '
             f'in API group "{rt.group}" {scope}'
         )
         raise ApiError(403, message, "Forbidden", rt.details(name))

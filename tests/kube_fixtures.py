@@ -27,9 +27,14 @@ KubeEmulatorFactory = Callable[..., KubeEmulator]
 
 
 def new_api_client(
-    emulator: KubeEmulator, *, context: str = "emulator", retries: int | Retry | None = None
+    emulator: KubeEmulator,
+    *,
+    context: str = "emulator",
+    retries: int | Retry | None = None,
+    token: str | None = None,
 ) -> Any:
-    """An official-client ``ApiClient`` configured from ``emulator.kubeconfig(context)``.
+    """An official-client ``ApiClient`` configured from ``emulator.kubeconfig(context)``,
+    presenting ``token`` if given (else the emulator's own).
 
     ``retries`` goes to urllib3.  None keeps urllib3's default ``Retry(3)``: it resends
     idempotent requests (GET, PUT, DELETE) after a dropped connection or read timeout, and any
@@ -40,7 +45,7 @@ def new_api_client(
 
     configuration = client.Configuration()
     config.load_kube_config_from_dict(  # type: ignore[no-untyped-call]
-        emulator.kubeconfig(context),
+        emulator.kubeconfig(context, token=token),
         context=context,
         client_configuration=configuration,
         persist_config=False,

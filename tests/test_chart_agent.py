@@ -96,7 +96,7 @@ MATRIX: dict[str, Obj] = {
         "serviceAccount": {"create": False, "name": "pki-agent"},
         "securityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
         "cronjob": {"timeZone": "Europe/Berlin", "suspend": True, "backoffLimit": 0},
-        "agent": {"schedule": "@hourly"},
+        "agent": {"schedule": "@hourly", "logFormat": "text"},
     },
     "agent-no-rbac": {"rbac": {"create": False}},
 }
@@ -250,7 +250,15 @@ def test_agent_as_cronjob() -> None:
     assert pod["restartPolicy"] == "Never"
     (container,) = pod["containers"]
     assert container["command"] == ["trustmgr"]
-    assert container["args"] == ["agent", "run", "--config", AGENT_YAML, "--once"]
+    assert container["args"] == [
+        "agent",
+        "run",
+        "--config",
+        AGENT_YAML,
+        "--once",
+        "--log-format",
+        "json",
+    ]
     assert "ports" not in container and "livenessProbe" not in container
     assert cronjob["metadata"]["labels"]["app.kubernetes.io/component"] == "agent"
     assert not out.all("Deployment")
@@ -264,6 +272,7 @@ def test_agent_cronjob_takes_the_other_cronjob_settings() -> None:
     out = rendered("agent-renamed")
     spec = out.one("CronJob", "pki")["spec"]
     assert spec["schedule"] == "@hourly"
+    assert out.pod_spec()["containers"][0]["args"][-2:] == ["--log-format", "text"]
     assert spec["timeZone"] == "Europe/Berlin" and spec["suspend"] is True
     assert spec["jobTemplate"]["spec"]["backoffLimit"] == 0
     assert "SUSPENDED" in out.notes
@@ -280,7 +289,7 @@ def test_agent_as_deployment() -> None:
     assert pod["terminationGracePeriodSeconds"] == 120
     (container,) = pod["containers"]
     assert container["command"] == ["trustmgr"]
-    assert container["args"] == ["agent", "run", "--config", AGENT_YAML]
+    assert container["args"] == ["agent", "run", "--config", AGENT_YAML, "--log-format", "json"]
     assert "ports" not in container and "livenessProbe" not in container
     assert "readinessProbe" not in container
     assert container["env"] == [{"name": "AWS_REGION", "value": "eu-west-1"}]
@@ -331,7 +340,7 @@ ISTIOD_RULE = {
     "apiGroups": ["apps"],
     "resources": ["deployments"],
     "resourceNames": ["istiod"],
-    "verbs": ["get", "patch"],
+    "verbs": ["patch"],
 }
 
 
@@ -403,7 +412,7 @@ def test_agent_role_names_what_agent_yaml_and_the_exchange_name(case: str) -> No
                 "apiGroups": ["apps"],
                 "resources": ["deployments"],
                 "resourceNames": [kube.istiod_deployment],
-                "verbs": ["get", "patch"],
+                "verbs": ["patch"],
             }
         )
     assert role["rules"] == expected
@@ -557,6 +566,7 @@ BAD_AGENT_VALUES: dict[str, tuple[Obj, str]] = {
     "schedule": ({"agent": {"schedule": "every 5 minutes"}}, "/agent/schedule"),
     "interval": ({"agent": {"interval": "5 minutes"}}, "/agent/interval"),
     "jitter": ({"agent": {"jitter": "-1s"}}, "/agent/jitter"),
+    "log format": ({"agent": {"logFormat": "yaml"}}, "/agent/logFormat"),
     "namespace": ({"agent": {"namespace": "Istio_System"}}, "/agent/namespace"),
     "secret name": ({"agent": {"secretName": "ca certs"}}, "/agent/secretName"),
     "istiod name": ({"agent": {"istiodDeployment": "istiod/x"}}, "/agent/istiodDeployment"),

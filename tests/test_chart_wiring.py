@@ -224,6 +224,12 @@ class Kubelet:
             source = volumes_dir / mount["name"]
             if not source.exists():
                 self._volume(by_name[mount["name"]], source, fs_group)
+            if mount.get("subPath"):
+                # One file or directory of the volume; one the volume lacks is made an
+                # empty directory, as the kubelet does.
+                source = source / mount["subPath"]
+                if not source.exists():
+                    source.mkdir(parents=True)
             mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
 
         # The image: the host's system and Python read-only, trustmgr on PATH, an /etc
@@ -254,8 +260,15 @@ class Kubelet:
             "from trustmgr.cli import main\nmain()\n"
         )
         launcher.chmod(0o755)
-        for path in [*host_dirs, *(c[1] for c in code), "/dev", "/proc", *(m[1] for m in mounts)]:
+        for path in [*host_dirs, *(c[1] for c in code), "/dev", "/proc"]:
             (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        for source_path, path, _ in mounts:  # a file is mounted on a file, a directory on one
+            mount_point = root / path.lstrip("/")
+            if source_path.is_file():
+                mount_point.parent.mkdir(parents=True, exist_ok=True)
+                mount_point.touch()
+            else:
+                mount_point.mkdir(parents=True, exist_ok=True)
         for directory in (root, *root.rglob("*")):
             if directory.is_dir() and not directory.is_symlink():
                 directory.chmod(0o755)

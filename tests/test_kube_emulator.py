@@ -566,6 +566,59 @@ def test_allow_rules_switch_to_least_privilege(kube_emulator: KubeEmulator, core
     core.create_namespaced_secret(NS, secret())
 
 
+def _role_and_binding(name: str, verbs: list[str], subject: dict[str, str]) -> list[Any]:
+    role = {
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": NS},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": verbs}],
+    }
+    binding = {
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": NS},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [subject],
+    }
+    return [role, binding]
+
+
+def test_two_identities_each_with_its_own_role(
+    kube_emulator_factory: KubeEmulatorFactory,
+) -> None:
+    """Roles bound to a user of ``tokens`` authorize that client alone, at the same time as
+    the emulator's own user works with its Roles; a 403 names the client refused."""
+    emulator = kube_emulator_factory(token="reader-token", tokens={"writer-token": "writer"})
+    sa = {"kind": "ServiceAccount", "name": "trustmgr", "namespace": "trustmgr"}
+    emulator.apply_rbac(_role_and_binding("reader", ["get"], sa))
+    emulator.apply_rbac(
+        _role_and_binding("writer", ["create"], {"kind": "User", "name": "writer"}), user="writer"
+    )
+    emulator.put_object(secret())
+    with (
+        closing(new_api_client(emulator)) as reader_client,
+        closing(new_api_client(emulator, token="writer-token")) as writer_client,
+    ):
+        reader, writer = core_api(reader_client), core_api(writer_client)
+        assert reader.read_namespaced_secret("cacerts", NS).metadata.name == "cacerts"
+        writer.create_namespaced_secret(NS, secret("other"))
+        with pytest.raises(ApiException) as exc:
+            writer.read_namespaced_secret("cacerts", NS)
+        assert status_body(exc)["message"].startswith(
+            'secrets "cacerts" is forbidden: User "writer" cannot get resource "secrets"'
+        )
+        with pytest.raises(ApiException) as exc:
+            reader.create_namespaced_secret(NS, secret("third"))
+        assert (
+            'User "system:serviceaccount:trustmgr:trustmgr" cannot create'
+            in (status_body(exc)["message"])
+        )
+    assert [(r.client, r.verb, r.status) for r in emulator.requests] == [
+        ("system:serviceaccount:trustmgr:trustmgr", "get", 200),
+        ("writer", "create", 201),
+        ("writer", "get", 403),
+        ("system:serviceaccount:trustmgr:trustmgr", "create", 403),
+    ]
+
+
 # --- faults ----------------------------------------------------------------------------------
 
 

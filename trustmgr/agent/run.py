@@ -59,11 +59,12 @@ from trustmgr.pki import (
     observe,
     private_key_pem,
 )
-from trustmgr.planner import Action, DesiredCluster, plan_cluster
+from trustmgr.planner import Action, ClusterPlan, DesiredCluster, Reload, plan_cluster
 from trustmgr.providers import Clock, Provider, ProviderError, ProviderNeedsFixError, SignedCA
 from trustmgr.providers.config import AcmPcaConfig, ProviderConfig, VaultConfig
 from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.targets import Target
+from trustmgr.targets.base import IstiodRestarter
 from trustmgr.upstream import build_provider
 from trustmgr.workspace import default_target
 
@@ -237,7 +238,7 @@ class Agent:
         if action is Action.UPDATE_BUNDLE:
             assert reading.material is not None
             self._write(reading.material.with_bundle(d.bundle), d, now)
-            return done
+            return self._restart_if_needed(plan, done)
         material = self._issue(desired, d, now)
         if material is None:
             return replace(
@@ -246,7 +247,20 @@ class Agent:
                 message=f"{plan.message}; CSR published, waiting for the central run to sign it",
             )
         self._write(material, d, now)
-        return done
+        return self._restart_if_needed(plan, done)
+
+    def _restart_if_needed(self, plan: ClusterPlan, done: AgentOutcome) -> AgentOutcome:
+        """After a write istiod cannot hot-reload: restart it if allowed, else say so."""
+        if plan.reload is not Reload.RESTART:
+            return done
+        if not self.config.istio.restart_istiod or not isinstance(self.target, IstiodRestarter):
+            return replace(done, message=f"{done.message} (istiod restart needed)")
+        try:
+            self.target.restart_istiod()
+        except TrustmgrError as exc:
+            error = f"cacerts written, but istiod could not be restarted: {exc}"
+            return replace(done, error=error, exit_code=1)
+        return replace(done, message=f"{done.message}; istiod restarted")
 
     def _issue(self, desired: Desired, d: DesiredCluster, now: datetime) -> CACerts | None:
         """A new CA with a key made here; None while the central run has to sign."""
