@@ -45,7 +45,7 @@ def _fleet(root: Path, clusters: int, *, agent: bool) -> dict[str, float]:
     from trustmgr import config as config_mod
     from trustmgr.agent.config import AgentConfig
     from trustmgr.agent.document import public_key_pem
-    from trustmgr.agent.run import Agent
+    from trustmgr.agent_run import Agent
     from trustmgr.daemon import Daemon
     from trustmgr.engine import apply
     from trustmgr.workspace import Workspace

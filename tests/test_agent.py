@@ -389,7 +389,7 @@ def test_a_looping_agent_survives_a_failing_pass_and_stops_on_the_event(
     import threading
 
     from trustmgr.agent import config as agent_config
-    from trustmgr.agent.run import Agent, run_forever
+    from trustmgr.agent_run import Agent, run_forever
 
     agent = Agent.build(
         agent_config.load(_agent_config(fleet, "a-2")), clock=lambda: datetime.now(UTC)
@@ -432,7 +432,7 @@ def test_agents_renew_by_themselves_and_the_daemon_counts_who_it_waits_for(fleet
 
     from trustmgr import config as config_mod
     from trustmgr.agent import config as agent_config
-    from trustmgr.agent.run import Agent
+    from trustmgr.agent_run import Agent
     from trustmgr.daemon import Daemon
     from trustmgr.engine import Workspace
 
@@ -502,7 +502,7 @@ def test_an_agent_killed_at_any_write_leaves_a_whole_cacerts_and_finishes_next_t
 ) -> None:
     from trustmgr.agent import config as agent_config
     from trustmgr.agent.exchange import DirectoryExchange, DirectoryLocalStore
-    from trustmgr.agent.run import Agent
+    from trustmgr.agent_run import Agent
     from trustmgr.targets.directory import DirectoryTarget
 
     writes = [

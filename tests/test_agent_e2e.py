@@ -554,7 +554,7 @@ def test_a_tampered_document_is_refused_with_one_line_and_cacerts_untouched(
     assert _report_error(world, "a1") == line
     # The long-running agent logs the same line, once, naming its cluster once.
     from trustmgr.agent.config import load
-    from trustmgr.agent.run import Agent
+    from trustmgr.agent_run import Agent
 
     agent = Agent.build(load(world.dir / "agent-a1.yaml"), clock=lambda: datetime.now(UTC))
     try:

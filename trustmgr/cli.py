@@ -605,7 +605,7 @@ def agent_run(obj: Context, once: bool, log_format: str) -> None:
     """Keep this cluster's cacerts as the central run's desired document says,
     with a CA key made here (the configuration is the agent's: docs/agent.md)."""
     from trustmgr.agent import config as agent_config
-    from trustmgr.agent.run import Agent, run_forever
+    from trustmgr.agent_run import Agent, run_forever
 
     if log_format == "json":
         from trustmgr.logs import use_json
@@ -956,8 +956,8 @@ def state_rekey(
 @click.pass_obj
 def state_migrate(obj: Context, to: Path) -> None:
     """Copy the state and blobs into an empty store; verify the copy."""
+    from trustmgr.state.build import build_store
     from trustmgr.state.migrate import migrate
-    from trustmgr.state.store import build_store
 
     source = build_store(obj.config().state_store)
     try:

@@ -15,7 +15,8 @@ from trustmgr.errors import BadInputError
 from trustmgr.providers import Clock
 from trustmgr.providers.config import SelfSignedConfig
 from trustmgr.providers.selfsigned import Rekeyed, SelfSignedProvider
-from trustmgr.state.store import StateStore, build_store
+from trustmgr.state.build import build_store
+from trustmgr.state.store import StateStore
 from trustmgr.workspace import authority
 
 

@@ -17,7 +17,8 @@ from trustmgr.agent.exchange import DirectoryExchange, Exchange
 from trustmgr.bundles import fingerprint
 from trustmgr.config import ClusterConfig, Config
 from trustmgr.providers import BlobStore, Clock, Provider, RootKeeper, SignedCA
-from trustmgr.state.store import StateStore, build_store
+from trustmgr.state.build import build_store
+from trustmgr.state.store import StateStore
 from trustmgr.targets import Target
 from trustmgr.targets.directory import DirectoryTarget
 from trustmgr.upstream import build_provider

@@ -1,4 +1,4 @@
-"""The state store contract, and the factory that builds the configured store.
+"""The state store contract (:mod:`trustmgr.state.build` builds the configured store).
 
 A store keeps the :class:`~trustmgr.state.model.State` and the providers' blobs
 (a self-signed root, its key sealed by the provider before it gets here), and
@@ -12,19 +12,14 @@ whichever machines they run on:
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from contextlib import AbstractContextManager
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 from trustmgr.errors import StateError, TrustmgrError
 from trustmgr.providers.base import BlobStore
 from trustmgr.state.model import State
-
-if TYPE_CHECKING:
-    from trustmgr.config import StateStoreConfig
 
 LOCK_DURATION: Final = timedelta(seconds=60)
 """How long a lock stays valid after its last renewal: a run that died holding it
@@ -89,27 +84,3 @@ def check_blob_name(name: str) -> str:
     if not _BLOB_NAME.fullmatch(name) or any(p in (".", "..") for p in name.split("/")):
         raise StateError(f"refusing to store a blob named {name!r}: not a plain relative name")
     return name
-
-
-def _require(package: str, kind: str, extra: str) -> None:
-    if importlib.util.find_spec(package) is None:
-        raise StateError(
-            f"stateStore.{kind} needs the {package} package: pip install 'trustmgr[{extra}]'"
-        )
-
-
-def build_store(config: StateStoreConfig) -> StateStore:
-    """The store ``config`` names. Nothing is read or written until it is used."""
-    if config.kubernetes is not None:
-        _require("kubernetes", "kubernetes", "kubernetes")
-        from trustmgr.state.kubernetes import KubernetesStateStore
-
-        return KubernetesStateStore(config.kubernetes)
-    if config.vault is not None:
-        _require("hvac", "vault", "vault")
-        from trustmgr.state.vault import VaultStateStore
-
-        return VaultStateStore(config.vault)
-    from trustmgr.state.file import FileStateStore
-
-    return FileStateStore(Path(config.file.path).expanduser())
