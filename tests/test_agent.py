@@ -200,13 +200,17 @@ def test_the_central_run_refuses_to_sign_a_csr_for_another_trust_domain(fleet: P
     report["problems"] = ["ca-key.pem does not match ca-cert.pem"]
     report_path.write_text(json.dumps(report))
     published = (fleet / "out/a-2/trustmgr-desired.json").read_bytes()
-    run = trustmgr("reconcile")
-    assert run.code == 1
-    assert (
+    run = trustmgr("reconcile", "-o", "json")
+    assert run.code == 0, run.err  # the other clusters are served; nothing signed for a-2
+    rows = {c["cluster"]: c for c in json.loads(run.out)["clusters"]}
+    assert (rows["a-2"]["action"], rows["a-2"]["reason"]) == ("await-agent", "CSRRefused")
+    assert rows["a-2"]["message"] == (
         "the agent's CSR names ['spiffe://b.example'], not exactly spiffe://a.example; "
-        "refusing to sign it" in run.out + run.err
+        "not signed: the agent makes a new one"
     )
     assert (fleet / "out/a-2/trustmgr-desired.json").read_bytes() == published
+    assert _agent(fleet, "a-2")[0] == 0  # the agent reports what it really holds
+    assert json.loads(trustmgr("plan", "-o", "json").out)["pending"] is False
 
 
 def test_a_report_carrying_a_private_key_is_not_read(fleet: Path) -> None:
@@ -596,3 +600,70 @@ def test_a_mesh_of_agents_only_keeps_the_root_its_first_documents_name(workdir: 
     held = _held(workdir, "a-2")
     assert held is not None and istiod_problems(held, now=datetime.now(UTC)) == []
     assert fingerprint(load_certificates(held.cert_chain, "c")[-1]) == fingerprint(root)
+
+
+def test_a_pending_csr_the_configuration_no_longer_wants_is_replaced(fleet: Path) -> None:
+    (fleet / "out/a-2/ca-key.pem").unlink()  # a-2 must issue again
+    assert _agent(fleet, "a-2")[0] == 0  # ...and publishes a P-256 CSR
+    (fleet / "trustmgr.yaml").write_text(
+        CONFIG.replace("FEDERATIONS", FEDERATED) + "intermediates: {keyAlgorithm: ECDSA_P384}\n"
+    )
+    plan = {c["cluster"]: c for c in json.loads(trustmgr("plan", "-o", "json").out)["clusters"]}
+    assert plan["a-2"]["action"] == "publish"  # the new algorithm, not a signature of the old CSR
+    for _ in range(3):
+        assert trustmgr("reconcile").code == 0
+        assert _agent(fleet, "a-2")[0] == 0
+    from trustmgr.pki import load_private_key
+    from trustmgr.providers.keys import key_algorithm_of
+
+    held = _held(fleet, "a-2")
+    assert held is not None
+    assert str(key_algorithm_of(load_private_key(held.ca_key, "key"))) == "ECDSA_P384"
+
+
+def test_a_document_lost_with_the_report_that_acknowledged_it_is_published_past(
+    fleet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trustmgr.agent import exchange
+    from trustmgr.errors import TargetError
+
+    (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", ""))
+    assert trustmgr("reconcile").code == 0
+
+    def lost(self: exchange.DirectoryExchange, data: bytes) -> None:
+        raise TargetError("cluster b-1: the report could not be written")
+
+    with monkeypatch.context() as m:  # b-1 applies the document; its report is lost
+        m.setattr(exchange.DirectoryExchange, "write_report", lost)
+        assert _agent(fleet, "b-1")[0] == 1
+    (fleet / "out/b-1/trustmgr-desired.json").unlink()  # and the document goes too
+    (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", FEDERATED))
+    _converge(fleet, rounds=2)  # the new document is numbered past the one applied
+    held = _held(fleet, "b-1")
+    assert held is not None and len(TrustBundle.from_pem(held.root_cert)) == 2
+    assert json.loads(trustmgr("plan", "-o", "json").out)["pending"] is False
+
+
+def test_an_answer_under_a_root_rolled_back_from_is_not_used(fleet: Path) -> None:
+    assert trustmgr("rotate", "start", "--provider", "corp").code == 0
+    for _ in range(6):  # until the switch: a-1 (the canary, pushed) is under the new root
+        if _phase(fleet) == "issuer-switched":
+            break
+        _converge(fleet, rounds=1)
+    _converge(fleet, rounds=1)  # the canary converged: the agents' turn
+    (fleet / "out/a-2/ca-key.pem").unlink()
+    assert _agent(fleet, "a-2")[0] == 0  # CSR published
+    assert trustmgr("reconcile").code == 0  # signed under the new root, not yet applied
+    published = json.loads((fleet / "out/a-2/trustmgr-desired.json").read_text())
+    assert json.loads(base64.b64decode(published["payload"]))["signed"] is not None
+    assert trustmgr("rotate", "rollback", "--provider", "corp").code == 0
+    for _ in range(4):
+        _converge(fleet, rounds=1)
+    held = _held(fleet, "a-2")
+    assert held is not None and istiod_problems(held, now=datetime.now(UTC)) == []
+    a1 = _held(fleet, "a-1")
+    assert a1 is not None
+    root = fingerprint(load_certificates(held.cert_chain, "c")[-1])
+    assert root == fingerprint(load_certificates(a1.cert_chain, "c")[-1])  # both back on the old
+    plan = json.loads(trustmgr("plan", "-o", "json").out)
+    assert {c["cluster"]: c["action"] for c in plan["clusters"]}["a-2"] == "none"

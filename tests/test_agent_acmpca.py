@@ -439,8 +439,8 @@ def test_a_certificate_under_a_root_the_document_does_not_allow_is_refused(fleet
     run = fleet.agent()
     assert run.code == 1
     assert _lines(run) == [
-        f"trustmgr: provider pca signed under root {fingerprint(renewed.root)[:16]}…, not one the "
-        "desired document allows now; nothing written"
+        f"trustmgr: the CA signed by provider pca chains to root {fingerprint(renewed.root)[:16]}…, "
+        "not one the desired document allows now; nothing written"
     ]
     assert fleet.held("agent-1") is None
     assert b"PRIVATE KEY" not in fleet.agent_files()

@@ -4,6 +4,7 @@ take it for its own current publication and wait on the agent forever."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -60,9 +61,12 @@ def test_a_put_back_document_equal_to_the_desired_state_is_published_past(
     assert refused.code == 2 and "refusing a replayed document" in refused.err
     row = _plan_a1()
     assert row["action"] == "publish", row
+    put_back = json.loads(base64.b64decode(json.loads(old)["payload"]))["sequence"]
+    applied = json.loads((workdir / "out/a1/trustmgr-report.json").read_text())["sequence"]
+    assert put_back < applied
     assert row["message"] == (
-        "the published sequence 2 is older than the 4 the agent applied: an older document was "
-        "put back"
+        f"the published sequence {put_back} is older than the {applied} the agent applied: an "
+        "older document was put back"
     )
     _round()
     assert _plan_a1()["action"] == "none"

@@ -264,14 +264,11 @@ class Agent:
 
     def _issue(self, desired: Desired, d: DesiredCluster, now: datetime) -> CACerts | None:
         """A new CA with a key made here; None while the central run has to sign."""
-        assert d.bundle is not None
+        local = self.local.load()
         if desired.signer.kind != "central":
-            request = cluster_ca_request(
-                d.trust_domain,
-                cluster=d.name,
-                algorithm=d.key_algorithm,
-                organization=d.organization,
-            )
+            if local.pending_key:  # made for the central run, which no longer signs
+                self.local.save(replace(local, pending_key=b"", pending_csr=b""))
+            request = self._request(d)
             provider = (self.providers or self._provider)(desired.signer)
             try:
                 answer = provider.sign_ca(request.csr, d.ttl)
@@ -279,27 +276,20 @@ class Agent:
                 close = getattr(provider, "close", None)
                 if callable(close):
                     close()
-            return self._assemble(request, answer, d, now)
-        local = self.local.load()
+            return self._assemble(request, answer, d, now, f"provider {d.provider}")
         pending = _pending(local, d)
-        if (
-            pending is not None
-            and desired.signed is not None
-            and desired.signed.csr == csr_digest(pending.csr)
-        ):
+        signed = desired.signed
+        if pending is not None and signed is not None and signed.csr == csr_digest(pending.csr):
             try:
-                chain = tuple(load_certificates(desired.signed.chain.encode(), "the signed chain"))
-                root = load_certificates(desired.signed.root.encode(), "the signed root")[0]
-            except BadMaterialError as exc:
-                raise DocumentError(f"{self.exchange.where}: {exc}") from None
-            return self._assemble(pending, SignedCA(chain, (root,)), d, now)
+                chain = tuple(load_certificates(signed.chain.encode(), "the signed chain"))
+                root = load_certificates(signed.root.encode(), "the signed root")[0]
+                answer = SignedCA(chain, (root,))
+                return self._assemble(pending, answer, d, now, "the central run")
+            except (BadMaterialError, ProviderAnswerError) as exc:
+                log.warning("cluster %s: %s; asking again with a new key", d.name, exc)
+                pending = None  # never asked again for this key: a new CSR replaces it
         if pending is None:
-            request = cluster_ca_request(
-                d.trust_domain,
-                cluster=d.name,
-                algorithm=d.key_algorithm,
-                organization=d.organization,
-            )
+            request = self._request(d)
             self.local.save(
                 replace(
                     local,
@@ -309,15 +299,25 @@ class Agent:
             )
         return None
 
+    def _request(self, d: DesiredCluster) -> ClusterCARequest:
+        return cluster_ca_request(
+            d.trust_domain, cluster=d.name, algorithm=d.key_algorithm, organization=d.organization
+        )
+
     def _assemble(
-        self, request: ClusterCARequest, answer: SignedCA, d: DesiredCluster, now: datetime
+        self,
+        request: ClusterCARequest,
+        answer: SignedCA,
+        d: DesiredCluster,
+        now: datetime,
+        signer: str,
     ) -> CACerts:
         assert d.bundle is not None
         root = check_signed_ca(answer, request, d.trust_domain, provider=d.provider, now=now)
         if fingerprint(root) not in d.own_roots:
             raise ProviderAnswerError(
-                f"provider {d.provider} signed under root {fingerprint(root)[:16]}…, not one the "
-                "desired document allows now; nothing written"
+                f"the CA signed by {signer} chains to root {fingerprint(root)[:16]}…, not one "
+                "the desired document allows now; nothing written"
             )
         return assemble(request, answer, root, d.bundle)
 

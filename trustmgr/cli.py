@@ -314,6 +314,7 @@ def _report(
                         "mesh": o.mesh,
                         "action": str(o.action),
                         "reason": o.reason,
+                        "message": o.message,
                         "ok": o.ok,
                         "error": o.error,
                         "istiod": o.istiod,
@@ -344,6 +345,8 @@ def _report_table(report: Report, ws: Workspace, *, verbose: bool) -> None:
         if o.action is Action.NONE:
             if verbose:
                 click.echo(f"{'unchanged':<13} {o.cluster}")
+        elif o.action is Action.AWAIT:
+            click.echo(f"{'waiting':<13} {o.cluster}: {o.message}")
         elif o.ok:
             where = ws.description(o.cluster)
             click.echo(f"{o.action:<13} {o.cluster} ({o.reason}) -> {where}{istiod}")
@@ -352,13 +355,15 @@ def _report_table(report: Report, ws: Workspace, *, verbose: bool) -> None:
         else:
             verdict = "refused" if o.action is Action.REFUSE else "failed"
             click.echo(f"{verdict:<13} {o.cluster}: {o.error}", err=True)
-    done = sum(1 for o in report.outcomes if o.ok and o.action is not Action.NONE)
+    done = sum(1 for o in report.outcomes if o.ok and o.action.changes)
     refused = sum(1 for o in report.outcomes if o.action is Action.REFUSE)
     unstarted = sum(1 for o in report.outcomes if not o.started)
     failed = sum(1 for o in report.outcomes if not o.ok) - refused - unstarted
     same = sum(1 for o in report.outcomes if o.action is Action.NONE)
     restart = sum(1 for o in report.outcomes if o.istiod == "restart needed")
     line = f"{len(report.outcomes)} clusters: {done} changed, {same} up to date, {failed} failed"
+    waiting = sum(1 for o in report.outcomes if o.action is Action.AWAIT)
+    line += f", {waiting} waiting for their agent" if waiting else ""
     line += f", {refused} refused" if refused else ""
     line += f", {unstarted} not started (interrupted; run again)" if unstarted else ""
     line += f"; {restart} need an istiod restart" if restart else ""

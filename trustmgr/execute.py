@@ -343,7 +343,10 @@ def _publish(
             document = replace(document, signed=_sign_for_agent(ws, d, view.report))
         key = ws.publisher()
         assert key is not None, "execute makes the publisher key before any publication"
-        sequence = max(view.published_sequence, view.report.sequence if view.report else 0) + 1
+        # Past anything either side has seen, and past any number this run could have
+        # given before (a document lost with its report): milliseconds since 1970.
+        seen = max(view.published_sequence, view.report.sequence if view.report else 0)
+        sequence = max(seen + 1, int(ws.clock().timestamp() * 1000))
         fence()
         ws.exchanges[c.cluster].publish(seal(document.with_sequence(sequence), key))
     except (TrustmgrError, ProviderError) as exc:

@@ -19,7 +19,7 @@ from trustmgr.config import Config
 from trustmgr.errors import BadInputError
 from trustmgr.federation import Federation, MeshRoots, order_bundle
 from trustmgr.observe import Observation, Owner, Reading
-from trustmgr.pki import ObservedCA
+from trustmgr.pki import ObservedCA, csr_problems
 from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.rotation import RotationStep, gate, root_sets
 from trustmgr.spiffe import SpiffeBundle
@@ -543,12 +543,18 @@ def plan_agent(
     published = view.published
     report = view.report
     signed = published.signed if published is not None else None
+    if signed is not None and (
+        signer.kind != "central" or signed.root_fingerprint() not in d.own_roots
+    ):
+        signed = None  # an answer under a root the cluster may no longer be under
     document = document_for(d, signer, phase, signed)
     csr = report.csr_request() if report is not None and report.csr else None
+    refused = csr_problems(csr, d.trust_domain, d.key_algorithm) if csr is not None else []
     if (
         signer.kind == "central"
         and wants_ca
         and csr is not None
+        and not refused
         and (signed is None or signed.csr != csr_digest(csr))
     ):
         return ClusterPlan(
@@ -592,6 +598,16 @@ def plan_agent(
     if report is not None and report.error:
         return ClusterPlan(
             d.name, d.mesh, Action.AWAIT, "AgentFailing", report.error, desired=d, document=document
+        )
+    if refused and signer.kind == "central" and wants_ca:
+        return ClusterPlan(
+            d.name,
+            d.mesh,
+            Action.AWAIT,
+            "CSRRefused",
+            f"the agent's CSR {refused[0]}; not signed: the agent makes a new one",
+            desired=d,
+            document=document,
         )
     if inner.action not in (Action.NONE, Action.RECORD):
         waiting = "its CSR" if signer.kind == "central" and wants_ca else "it to act"
@@ -937,14 +953,14 @@ def _plan_clusters(
         raise BadInputError(errors[0])
     retiring = frozenset(fingerprint(r) for scope in scopes.values() for r in scope.old)
     by_mesh = {m: scope for scope in scopes.values() for m in scope.meshes}
-    clusters = []
-    for mesh_name, cluster, _ in config.clusters():
+
+    def plan_one(mesh_name: str, cluster: str, phases: Mapping[str, Phase]) -> ClusterPlan:
         reading = observation.clusters[cluster]
         d = desired_cluster(
             config, cluster, mesh_name, federation, reading, adopt=adopt, retiring=retiring
         )
-        if mesh_name in by_mesh:
-            scope = by_mesh[mesh_name]
+        scope = by_mesh.get(mesh_name)
+        if scope is not None:
             rs = root_sets(phases[scope.key], scope.old, scope.new)
             d = replace(
                 d,
@@ -952,44 +968,67 @@ def _plan_clusters(
                 own_roots=tuple(fingerprint(r) for r in rs.signing),
                 incoming=scope.key if rs.new_signer and scope.incoming else "",
             )
-        if reading.agent is not None:
-            rotating = by_mesh.get(mesh_name)
-            phase = f"{rotating.key}:{phases[rotating.key]}" if rotating is not None else ""
-            generation = rotations[d.incoming].generation if d.incoming else ""
-            signer = signer_for(config, d.provider, generation)
-            clusters.append(plan_agent(d, reading, signer, phase, observation.taken_at))
-            continue
-        clusters.append(
-            plan_cluster(d, reading, observation.state.clusters.get(cluster), observation.taken_at)
+        if reading.agent is None:
+            record = observation.state.clusters.get(cluster)
+            return plan_cluster(d, reading, record, observation.taken_at)
+        phase = f"{scope.key}:{phases[scope.key]}" if scope is not None else ""
+        generation = (
+            rotations[d.incoming].generation
+            if d.incoming
+            else observation.state.generations.get(d.provider, "")
         )
+        signer = signer_for(config, d.provider, generation)
+        return plan_agent(d, reading, signer, phase, observation.taken_at)
+
+    clusters = [plan_one(mesh, cluster, phases) for mesh, cluster, _ in config.clusters()]
     for key, scope in scopes.items():
-        if phases[key] is Phase.ISSUER_SWITCHED:
-            clusters = _canaries_first(config, scope.meshes, clusters)
+        if phases[key] is not Phase.ISSUER_SWITCHED:
+            continue
+        held = _held_for_canaries(config, scope.meshes, clusters)
+        if not held:
+            continue
+        # Agents sign by themselves: until the canaries converged, the others are
+        # given what they had before the switch.
+        before = {**phases, key: Phase.TRUST_DISTRIBUTED}
+        clusters = [
+            _waiting_for(c, plan_one(c.mesh, c.cluster, before), held)
+            if c.cluster in held[1] and c.document is not None
+            else _waiting_for(c, c, held)
+            if c.cluster in held[1] and c.reason == "IssuerChanged"
+            else c
+            for c in clusters
+        ]
     return clusters
 
 
-def _canaries_first(
+def _held_for_canaries(
     config: Config, meshes: frozenset[str], clusters: list[ClusterPlan]
-) -> list[ClusterPlan]:
-    """Switch the canary clusters to the new root first; the others wait until
-    every canary holds its new CA."""
+) -> tuple[list[str], set[str]] | None:
+    """While a canary of ``meshes`` has not converged: the canaries waited for,
+    and the clusters that switch to the new root after them."""
     own = sorted(c for m, c, _ in config.clusters() if m in meshes)
     canaries = own[: config.rotation.canary]
     waiting = [c.cluster for c in clusters if c.cluster in canaries and c.pending]
     if not waiting:
-        return clusters
-    held = []
-    for c in clusters:
-        if c.cluster in own and c.cluster not in canaries and c.reason == "IssuerChanged":
-            c = replace(
-                c,
-                action=Action.NONE,
-                reason=CANARY_FIRST,
-                message=f"switches to the new root once canaries {', '.join(waiting)} converged",
-                reload=Reload.HOT,
-            )
-        held.append(c)
-    return held
+        return None
+    return waiting, set(own) - set(canaries)
+
+
+def _waiting_for(
+    now: ClusterPlan, before: ClusterPlan, held: tuple[list[str], set[str]]
+) -> ClusterPlan:
+    """A cluster held back until the canaries converged: what it needs before the
+    switch, if anything, else nothing yet."""
+    if before is not now and before.pending:
+        return before
+    return replace(
+        before,
+        action=Action.NONE,
+        reason=CANARY_FIRST,
+        message=f"switches to the new root once canaries {', '.join(held[0])} converged",
+        reload=Reload.HOT,
+        document=None,
+    )
 
 
 def _refuse_root_swap(

@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from trustmgr.bundles import fingerprint
 from trustmgr.errors import BadInputError, BadMaterialError
 
 KIND_DESIRED = "trustmgr.io/desired"
@@ -80,6 +81,13 @@ class Signed:
     """PEM: the cluster CA first, then each issuer, without the root."""
     root: str
     """PEM: the root the chain ends under."""
+
+    def root_fingerprint(self) -> str | None:
+        """The root's SHA-256 fingerprint; None if it is not one certificate."""
+        try:
+            return fingerprint(x509.load_pem_x509_certificate(self.root.encode()))
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True)
