@@ -9,9 +9,11 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.agent_reports import payload, rewrite
 from tests.conftest import snapshot, trustmgr
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
 from trustmgr.pki import CACERTS_FILES, CACerts, istiod_problems
@@ -164,7 +166,7 @@ def test_a_replayed_document_is_refused(fleet: Path) -> None:
     assert len(err.strip().splitlines()) == 1
     assert _held(fleet, "b-1") == held  # still trusts b alone
     # the report says why; the next publication goes past the applied sequence
-    report = json.loads((fleet / "out/b-1/trustmgr-report.json").read_text())
+    report = payload((fleet / "out/b-1/trustmgr-report.json").read_bytes())
     assert "replayed" in report["error"]
     _converge(fleet, rounds=1)
     assert _held(fleet, "b-1") == held
@@ -193,12 +195,13 @@ def test_the_central_run_refuses_to_sign_a_csr_for_another_trust_domain(fleet: P
     from trustmgr.providers.keys import KeyAlgorithm
 
     # a-2's key made unusable: the agent must issue again, and publishes a CSR...
-    report_path = fleet / "out/a-2/trustmgr-report.json"
-    report = json.loads(report_path.read_text())
     hostile = cluster_ca_request("b.example", cluster="a-2", algorithm=KeyAlgorithm.ECDSA_P256)
-    report["csr"] = hostile.csr.public_bytes(serialization.Encoding.PEM).decode()
-    report["problems"] = ["ca-key.pem does not match ca-cert.pem"]
-    report_path.write_text(json.dumps(report))
+
+    def ask_for_b(report: dict[str, Any]) -> None:  # a hostile agent: its own key signs
+        report["csr"] = hostile.csr.public_bytes(serialization.Encoding.PEM).decode()
+        report["problems"] = ["ca-key.pem does not match ca-cert.pem"]
+
+    rewrite(fleet / "out/a-2", ask_for_b)
     published = (fleet / "out/a-2/trustmgr-desired.json").read_bytes()
     run = trustmgr("reconcile", "-o", "json")
     assert run.code == 0, run.err  # the other clusters are served; nothing signed for a-2
@@ -214,10 +217,8 @@ def test_the_central_run_refuses_to_sign_a_csr_for_another_trust_domain(fleet: P
 
 
 def test_a_report_carrying_a_private_key_is_not_read(fleet: Path) -> None:
-    report_path = fleet / "out/a-3/trustmgr-report.json"
-    report = json.loads(report_path.read_text())
-    report["error"] = (fleet / "out/a-3/ca-key.pem").read_text()
-    report_path.write_text(json.dumps(report))
+    key = (fleet / "out/a-3/ca-key.pem").read_text()
+    rewrite(fleet / "out/a-3", lambda report: report.update(error=key))
     run = trustmgr("status", "-o", "json")
     rows = {row["cluster"]: row for row in json.loads(run.out)}
     assert "holds a private key; refusing to read it" in rows["a-3"]["drift"]
@@ -245,7 +246,7 @@ def test_an_agent_stopped_after_making_its_key_reuses_it(
         local["pendingCsr"] and (fleet / "out/a-2/.trustmgr-agent.json").stat().st_mode & 0o077 == 0
     )
     assert _agent(fleet, "a-2")[0] == 0
-    report = json.loads((fleet / "out/a-2/trustmgr-report.json").read_text())
+    report = payload((fleet / "out/a-2/trustmgr-report.json").read_bytes())
     assert report["csr"] == local["pendingCsr"]  # the same key, not a second one
     _converge(fleet, rounds=1)
     held = _held(fleet, "a-2")
@@ -340,12 +341,8 @@ def test_the_plan_for_agents_is_what_reconcile_does(fleet: Path) -> None:
 
 
 def test_a_malformed_report_fails_its_cluster_only(fleet: Path) -> None:
-    report_path = fleet / "out/a-2/trustmgr-report.json"
-    report = json.loads(report_path.read_text())
-    report["csr"] = (
-        "-----BEGIN CERTIFICATE REQUEST-----\nnot base64\n-----END CERTIFICATE REQUEST-----\n"
-    )
-    report_path.write_text(json.dumps(report))
+    bad = "-----BEGIN CERTIFICATE REQUEST-----\nnot base64\n-----END CERTIFICATE REQUEST-----\n"
+    rewrite(fleet / "out/a-2", lambda report: report.update(csr=bad))
     (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", ""))
     run = trustmgr("reconcile", "-o", "json")
     assert run.code == 0, run.err
@@ -667,3 +664,69 @@ def test_an_answer_under_a_root_rolled_back_from_is_not_used(fleet: Path) -> Non
     assert root == fingerprint(load_certificates(a1.cert_chain, "c")[-1])  # both back on the old
     plan = json.loads(trustmgr("plan", "-o", "json").out)
     assert {c["cluster"]: c["action"] for c in plan["clusters"]}["a-2"] == "none"
+
+
+def test_a_report_signed_by_another_key_gets_nothing_signed(fleet: Path) -> None:
+    """Whoever can write a cluster's report, but is not its agent, cannot get a CA
+    for a key of theirs, nor stand in for the agent at a rotation's gate."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from tests.agent_reports import signed
+    from trustmgr.pki import cluster_ca_request
+    from trustmgr.providers.keys import KeyAlgorithm
+
+    report = payload((fleet / "out/a-2/trustmgr-report.json").read_bytes())
+    theirs = cluster_ca_request("a.example", cluster="a-2", algorithm=KeyAlgorithm.ECDSA_P256)
+    report.update(
+        caCert="",
+        csr=theirs.csr.public_bytes(serialization.Encoding.PEM).decode(),
+    )
+    outsider = Ed25519PrivateKey.generate()
+    (fleet / "out/a-2/trustmgr-report.json").write_bytes(signed(report, outsider))
+    published = (fleet / "out/a-2/trustmgr-desired.json").read_bytes()
+    run = trustmgr("reconcile", "-o", "json")
+    assert run.code == 0, run.err
+    row = next(c for c in json.loads(run.out)["clusters"] if c["cluster"] == "a-2")
+    assert (row["action"], row["reason"]) == ("await-agent", "ReportUnreadable")
+    assert "this cluster's agent is" in row["message"] and "refusing it" in row["message"]
+    assert (fleet / "out/a-2/trustmgr-desired.json").read_bytes() == published  # nothing signed
+    # another cluster's genuine report, put in a-2's place, does not stand for a-2 either
+    (fleet / "out/a-2/trustmgr-report.json").write_bytes(
+        (fleet / "out/a-3/trustmgr-report.json").read_bytes()
+    )
+    status = {r["cluster"]: r for r in json.loads(trustmgr("status", "-o", "json").out)}
+    assert "the report is of cluster a-3" in status["a-2"]["drift"]
+    assert _agent(fleet, "a-2")[0] == 0  # the agent's own report is trusted again
+    assert json.loads(trustmgr("plan", "-o", "json").out)["pending"] is False
+
+
+def test_the_first_report_s_key_is_trusted_and_agent_key_pins_it(fleet: Path) -> None:
+    state = json.loads((fleet / "state/state.json").read_text())
+    assert state["agents"].keys() == set(AGENTS)  # recorded at each agent's first report
+    identity = trustmgr("agent", "identity", "-c", str(_agent_config(fleet, "a-3")))
+    assert identity.code == 0 and identity.out.startswith("-----BEGIN PUBLIC KEY-----")
+    assert identity.err.startswith(f"# agent key {state['agents']['a-3'][:16]}… of cluster a-3")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from trustmgr.agent.document import public_key_pem
+
+    other = public_key_pem(Ed25519PrivateKey.generate().public_key()).decode()
+    config = CONFIG.replace("FEDERATIONS", FEDERATED)
+    pinned = (
+        "a-3: {directory: {path: out/a-3}, istio: {multiRoot: true}, mode: agent, agentKey: KEY}"
+    )
+    original = "a-3: {directory: {path: out/a-3}, istio: {multiRoot: true}, mode: agent}"
+    (fleet / "trustmgr.yaml").write_text(
+        config.replace(original, pinned.replace("KEY", json.dumps(other)))
+    )
+    plan = {c["cluster"]: c for c in json.loads(trustmgr("plan", "-o", "json").out)["clusters"]}
+    assert plan["a-3"]["reason"] == "ReportUnreadable"  # pinned to a key its agent does not have
+    good = json.dumps(identity.out)
+    (fleet / "trustmgr.yaml").write_text(config.replace(original, pinned.replace("KEY", good)))
+    assert json.loads(trustmgr("plan", "-o", "json").out)["pending"] is False
+    (fleet / "trustmgr.yaml").write_text(
+        config.replace(original, pinned.replace("KEY", json.dumps("not a key")))
+    )
+    run = trustmgr("validate")
+    assert run.code == 2 and "agentKey is the agent's public key in PEM" in run.err

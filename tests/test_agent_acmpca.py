@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from tests.agent_reports import payload
 from tests.conftest import Run, trustmgr
 from tests.pca import (
     ARN,
@@ -208,14 +209,17 @@ class Fleet:
         return payload
 
     def report(self) -> dict[str, Any]:
-        report = json.loads((self.path / "out/agent-1/trustmgr-report.json").read_text())
+        report = payload((self.path / "out/agent-1/trustmgr-report.json").read_bytes())
         assert isinstance(report, dict)
         return report
 
     def agent_files(self) -> bytes:
-        """Everything on disk in the agent's cluster."""
+        """Everything on disk in the agent's cluster but the agent's own record
+        (which holds the key it signs its reports with)."""
         return b"".join(
-            p.read_bytes() for p in sorted((self.path / "out/agent-1").rglob("*")) if p.is_file()
+            p.read_bytes()
+            for p in sorted((self.path / "out/agent-1").rglob("*"))
+            if p.is_file() and p.name != ".trustmgr-agent.json"
         )
 
 

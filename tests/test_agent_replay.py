@@ -8,6 +8,7 @@ import base64
 import json
 from pathlib import Path
 
+from tests.agent_reports import payload
 from tests.conftest import trustmgr
 
 CONFIG = """\
@@ -62,7 +63,7 @@ def test_a_put_back_document_equal_to_the_desired_state_is_published_past(
     row = _plan_a1()
     assert row["action"] == "publish", row
     put_back = json.loads(base64.b64decode(json.loads(old)["payload"]))["sequence"]
-    applied = json.loads((workdir / "out/a1/trustmgr-report.json").read_text())["sequence"]
+    applied = payload((workdir / "out/a1/trustmgr-report.json").read_bytes())["sequence"]
     assert put_back < applied
     assert row["message"] == (
         f"the published sequence {put_back} is older than the {applied} the agent applied: an "

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from tests import test_chart_wiring as wiring
+from tests.agent_reports import payload
 from tests.conftest import PASSPHRASE, Run, trustmgr
 from tests.kube_emulator import KubeEmulator
 from tests.kube_fixtures import KubeEmulatorFactory, kube_emulator_factory
@@ -206,7 +207,7 @@ class Agent:
     def report(self) -> Obj:
         report = self.config_map(REPORT_NAME)
         assert report is not None, "the agent wrote no report"
-        loaded: Obj = json.loads(report["data"]["report.json"])
+        loaded: Obj = payload(report["data"]["report.json"])
         return loaded
 
     def cacerts(self) -> Obj | None:

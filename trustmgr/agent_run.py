@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ValidationError
 
 from trustmgr.agent.config import AgentConfig
@@ -34,7 +34,10 @@ from trustmgr.agent.document import (
     check_sequence,
     csr_digest,
     digest,
+    key_id,
     load_public_key,
+    open_report,
+    seal_report,
     unseal,
 )
 from trustmgr.agent.exchange import (
@@ -46,7 +49,13 @@ from trustmgr.agent.exchange import (
 )
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
 from trustmgr.config import ClusterConfig
-from trustmgr.errors import BadInputError, BadMaterialError, ProviderAnswerError, TrustmgrError
+from trustmgr.errors import (
+    BadInputError,
+    BadMaterialError,
+    ProviderAnswerError,
+    StateError,
+    TrustmgrError,
+)
 from trustmgr.observe import Reading, read_target
 from trustmgr.pki import (
     CACerts,
@@ -150,6 +159,15 @@ class Agent:
         line itself: stderr holds it once)."""
         now = self.clock()
         desired: Desired | None = None
+        try:
+            self._identity(self.local.load())  # what reports are signed with: first of all
+        except TrustmgrError as exc:
+            outcome = AgentOutcome(
+                Action.FAIL, type(exc).__name__, str(exc), error=str(exc), exit_code=exc.exit_code
+            )
+            if log_errors:
+                log.warning("%s", _of_cluster(self.config.cluster, outcome.error))
+            return outcome  # no report can be signed
         try:
             desired = self._accept()
             outcome = self._converge(desired, now)
@@ -358,14 +376,51 @@ class Agent:
             foreign=(self.target.foreign or "") if material is not None else "",
             reported_at=now,
         )
+        key, local = self._identity(local)
         current = self.exchange.read_report()
         if current is not None:
             try:
-                if replace(Report.parse(current, where=""), reported_at=now) == report:
+                was, signer = open_report(current, where="")
+                if signer == key_id(key.public_key()) and replace(was, reported_at=now) == report:
                     return  # nothing new to say: the exchange is left as it is
             except BadMaterialError:
                 pass
-        self.exchange.write_report(report.to_bytes())
+        self.exchange.write_report(seal_report(report, key))
+
+    def _identity(self, local: AgentLocal) -> tuple[Ed25519PrivateKey, AgentLocal]:
+        """The key this agent signs its reports with, made and kept on first use."""
+        if local.identity_key:
+            try:
+                key = serialization.load_pem_private_key(local.identity_key, password=None)
+            except (ValueError, TypeError):
+                key = None
+            if isinstance(key, Ed25519PrivateKey):
+                return key, local
+            raise StateError(
+                f"{self.exchange.where}: the agent's identity key in its own record is not an "
+                "Ed25519 key; delete the record to make a new one, then give the central run "
+                "its public key (agentKey)"
+            )
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        local = replace(local, identity_key=pem)
+        self.local.save(local)
+        log.info(
+            "cluster %s: made this agent's identity key %s…",
+            self.config.cluster,
+            key_id(key.public_key())[:16],
+        )
+        return key, local
+
+    def identity(self) -> Ed25519PublicKey:
+        """This agent's identity key (made now if it has none): what the central
+        configuration pins as the cluster's ``agentKey``."""
+        key, _ = self._identity(self.local.load())
+        return key.public_key()
 
     def _provider(self, signer: Signer) -> Provider:
         """The mesh's provider as this cluster reaches it: the document's settings,

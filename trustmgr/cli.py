@@ -38,7 +38,7 @@ from trustmgr.engine import (
 from trustmgr.errors import ConfigError, TargetError, TrustmgrError
 from trustmgr.federation import Finding, config_findings, mesh_config_fragment
 from trustmgr.observe import observe_all
-from trustmgr.planner import CANARY_FIRST, Action, Plan, decide, rotation_clusters
+from trustmgr.planner import CANARY_FIRST, Action, ClusterPlan, Plan, decide, rotation_clusters
 from trustmgr.providers import ProviderError, ProviderNeedsFixError
 from trustmgr.rekey import previous_protection, rekey
 from trustmgr.status import cluster_status, held_trust, verify_all
@@ -198,6 +198,7 @@ def _plan_json(plan: Plan) -> dict[str, Any]:
                 "message": c.message,
                 "istiodReload": str(c.reload),
                 "istiodRestart": c.restarts,
+                "trustAgentKey": c.trust_agent or None,
             }
             for c in plan.clusters
         ],
@@ -254,12 +255,12 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool, workers: int, a
                 c.mesh,
                 str(c.action),
                 c.reason,
-                c.message + _restart_note(ws, c.cluster, c.restarts),
+                c.message + _restart_note(ws, c.cluster, c.restarts) + _trust_note(c),
             )
             for c in plan.clusters
         ]
         click.echo(_table(rows, ("CLUSTER", "MESH", "ACTION", "REASON", "DETAIL")))
-        pending = sum(c.pending for c in plan.clusters)
+        pending = sum(c.changes for c in plan.clusters)
         click.echo(
             f"{pending} of {len(plan.clusters)} clusters to change"
             if plan.pending
@@ -269,6 +270,12 @@ def plan_cmd(obj: Context, output: str, detailed_exitcode: bool, workers: int, a
         sys.exit(EXIT_FAILED)  # a target that cannot be read: the plan is incomplete
     if detailed_exitcode and plan.pending:
         sys.exit(EXIT_CHANGES_PENDING)
+
+
+def _trust_note(c: ClusterPlan) -> str:
+    if not c.trust_agent:
+        return ""
+    return f"; trusts agent key {c.trust_agent[:16]}… (its first report)"
 
 
 def _rotation_lines(plan: Plan) -> list[str]:
@@ -596,6 +603,24 @@ def agent_publisher_key(obj: Context, out: Path | None) -> None:
         click.echo(f"wrote {out} (key {key_id(key.public_key())[:16]}…)", err=True)
     else:
         click.echo(data.decode(), nl=False)
+
+
+@agent_group.command("identity")
+@click.pass_obj
+def agent_identity(obj: Context) -> None:
+    """Print this agent's identity key (made on first use): the cluster's agentKey
+    in the central configuration, which trusts only reports it signed."""
+    from trustmgr.agent import config as agent_config
+    from trustmgr.agent.document import key_id, public_key_pem
+    from trustmgr.agent_run import Agent
+
+    agent = Agent.build(agent_config.load(obj.config_path), clock=now_utc)
+    try:
+        key = agent.identity()
+    finally:
+        agent.close()
+    click.echo(f"# agent key {key_id(key)[:16]}… of cluster {agent.config.cluster}", err=True)
+    click.echo(public_key_pem(key).decode(), nl=False)
 
 
 @agent_group.command("run")

@@ -174,6 +174,10 @@ class ClusterConfig(Model):
     kubernetes: KubernetesTargetConfig | None = None
     istio: IstioSettings = IstioSettings()
     mode: Literal["push", "agent"] = "push"
+    agent_key: str | None = None
+    """Agent mode: the public key the cluster's agent signs its reports with (PEM,
+    what ``trustmgr agent identity`` prints); without it, the key of the first
+    report is trusted and recorded in the state."""
 
     @property
     def agent(self) -> bool:
@@ -183,6 +187,14 @@ class ClusterConfig(Model):
     def _one_target(self) -> ClusterConfig:
         if (self.directory is None) == (self.kubernetes is None):
             raise ValueError("a cluster has exactly one target: directory or kubernetes")
+        if self.agent_key is not None:
+            if not self.agent:
+                raise ValueError("agentKey is for a cluster in mode agent")
+            if "PUBLIC KEY" not in self.agent_key or "PRIVATE" in self.agent_key:
+                raise ValueError(
+                    "agentKey is the agent's public key in PEM, as `trustmgr agent identity` "
+                    "prints it"
+                )
         return self
 
 

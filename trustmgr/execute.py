@@ -179,6 +179,11 @@ def execute(
     results = _apply_all(ws, plan, observation, workers, stop, progress, fence)
     state = saved if saved is not None else ws.store.load()
     new_state = _with_imports(state, observation)
+    trusted = {c.cluster: c.trust_agent for c in plan.clusters if c.trust_agent}
+    if trusted:
+        new_state = replace(new_state, agents={**new_state.agents, **trusted})
+        for cluster, key in sorted(trusted.items()):
+            log.info("cluster %s: trusting agent key %s… from now on", cluster, key[:16])
     for o, record in results:
         if record is not None:
             new_state = new_state.with_cluster(o.cluster, record)
@@ -231,9 +236,9 @@ def _apply_all(
 ) -> list[tuple[ClusterOutcome, ClusterRecord | None]]:
     """Every cluster's outcome, in plan order; pending ones worked on in parallel."""
     results: dict[str, tuple[ClusterOutcome, ClusterRecord | None]] = {
-        c.cluster: (outcome(c, ok=True), None) for c in plan.clusters if not c.changes
+        c.cluster: (outcome(c, ok=True), None) for c in plan.clusters if not c.action.changes
     }
-    pending = [c for c in plan.clusters if c.changes]
+    pending = [c for c in plan.clusters if c.action.changes]
 
     def work(c: ClusterPlan) -> tuple[ClusterOutcome, ClusterRecord | None]:
         if stop.is_set():

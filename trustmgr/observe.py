@@ -22,7 +22,7 @@ from enum import StrEnum
 from cryptography import x509
 
 from trustmgr import external, spiffe
-from trustmgr.agent.document import Desired, DocumentError, Report, unseal
+from trustmgr.agent.document import Desired, DocumentError, Report, open_report, unseal
 from trustmgr.errors import BadMaterialError, TargetError, TrustmgrError
 from trustmgr.pki import CACerts, ObservedCA, observe, observe_public
 from trustmgr.providers import Provider, RootKeeper
@@ -90,6 +90,9 @@ class AgentView:
     """Why what is there cannot stand (tampered, unreadable): published again."""
     report: Report | None = None
     report_problem: str | None = None
+    first_use: str = ""
+    """The key id of the agent whose report is trusted now for the first time
+    ("" when the cluster's agent was known, or pinned by ``agentKey``)."""
 
 
 @dataclass(frozen=True)
@@ -166,18 +169,28 @@ def read_agent(ws: Workspace, cluster: str, trust_domain: str) -> Reading:
             problem = str(exc)
             with contextlib.suppress(DocumentError):  # the next one is numbered past it
                 sequence = unseal(published_bytes, None, where=exchange.where).sequence
-    report, report_problem = None, None
+    report, report_problem, first_use = None, None, ""
     if report_bytes is not None:
         try:
-            report = Report.parse(report_bytes, where=exchange.where)
+            report, reporter = open_report(report_bytes, where=exchange.where)
             if report.cluster != cluster:
                 raise BadMaterialError(
                     f"{exchange.where}: the report is of cluster {report.cluster}"
                 )
+            expected = ws.trusted_agent(cluster)
+            if expected is None:
+                first_use = reporter
+            elif reporter != expected:
+                raise BadMaterialError(
+                    f"{exchange.where}: the report is signed by agent key {reporter[:16]}…, "
+                    f"this cluster's agent is {expected[:16]}…: refusing it (for an agent "
+                    f"installed anew, set clusters.{cluster}.agentKey to what `trustmgr agent "
+                    "identity` prints there)"
+                )
             report.csr_request()  # a CSR that does not parse is the report's problem
         except BadMaterialError as exc:
-            report, report_problem = None, str(exc)
-    view = AgentView(published, sequence, problem, report, report_problem)
+            report, report_problem, first_use = None, str(exc), ""
+    view = AgentView(published, sequence, problem, report, report_problem, first_use)
     if report is None or not report.ca_cert:
         return Reading(None, None, Owner.NOBODY, agent=view)
     public = CACerts(

@@ -96,6 +96,9 @@ class ClusterPlan:
     desired: DesiredCluster | None = field(default=None, compare=False, repr=False)
     document: Desired | None = field(default=None, compare=False, repr=False)
     """Agent mode: the desired document to publish (without its sequence)."""
+    trust_agent: str = ""
+    """Agent mode: the key id of the cluster's agent, trusted from now on (its
+    first report); recorded in the state."""
 
     @property
     def pending(self) -> bool:
@@ -105,7 +108,7 @@ class ClusterPlan:
     @property
     def changes(self) -> bool:
         """Applying the plan does something for this cluster."""
-        return self.action.changes
+        return self.action.changes or bool(self.trust_agent)
 
     @property
     def restarts(self) -> bool:
@@ -517,6 +520,16 @@ def document_for(d: DesiredCluster, signer: Signer, phase: str, signed: Signed |
 
 
 def plan_agent(
+    d: DesiredCluster, r: Reading, signer: Signer, phase: str, now: datetime
+) -> ClusterPlan:
+    """An agent-mode cluster's plan, and the agent key it trusts for the first time."""
+    plan = _plan_agent(d, r, signer, phase, now)
+    if r.agent is not None and r.agent.first_use:
+        return replace(plan, trust_agent=r.agent.first_use)
+    return plan
+
+
+def _plan_agent(
     d: DesiredCluster, r: Reading, signer: Signer, phase: str, now: datetime
 ) -> ClusterPlan:
     """An agent-mode cluster's plan. The same policies say what the cluster

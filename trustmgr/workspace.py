@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from trustmgr.agent import publisher
+from trustmgr.agent.document import key_id, load_public_key
 from trustmgr.agent.exchange import DirectoryExchange, Exchange
 from trustmgr.bundles import fingerprint
 from trustmgr.config import ClusterConfig, Config
@@ -68,6 +69,7 @@ class Workspace:
     """Agent-mode clusters' exchanges: their targets are the agents' alone."""
     _upcoming: dict[str, RootKeeper] = field(default_factory=dict)
     _publisher: Ed25519PrivateKey | None = None
+    _agents: dict[str, str] | None = None
 
     @classmethod
     def build(
@@ -171,6 +173,19 @@ class Workspace:
         if cluster in self.exchanges:
             return f"agent: {self.exchanges[cluster].where}"
         return self.targets[cluster].description
+
+    def trusted_agent(self, cluster: str) -> str | None:
+        """The key id an agent-mode cluster's reports must be signed with: its
+        ``agentKey``, else the one trusted at its first report (None: none yet)."""
+        pinned = self.cluster_config(cluster).agent_key
+        if pinned is not None:
+            where = f"clusters.{cluster}.agentKey"
+            return key_id(
+                load_public_key(pinned.encode(), where, command="trustmgr agent identity")
+            )
+        if self._agents is None:
+            self._agents = dict(self.store.load().agents)
+        return self._agents.get(cluster)
 
     def publisher(self, *, create: bool = False) -> Ed25519PrivateKey | None:
         """The key desired documents are signed with; made and stored if ``create``."""

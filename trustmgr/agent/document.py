@@ -174,19 +174,18 @@ def public_key_pem(public: Ed25519PublicKey) -> bytes:
     )
 
 
-def load_public_key(data: bytes, source: str) -> Ed25519PublicKey:
-    """An Ed25519 public key in PEM (what ``trustmgr agent publisher-key`` prints)."""
+def load_public_key(
+    data: bytes, source: str, *, command: str = "trustmgr agent publisher-key"
+) -> Ed25519PublicKey:
+    """An Ed25519 public key in PEM, as ``command`` prints it."""
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):
         raise BadMaterialError(
-            f"{source}: not a PEM public key; use what `trustmgr agent publisher-key` prints"
+            f"{source}: not a PEM public key; use what `{command}` prints"
         ) from None
     if not isinstance(key, Ed25519PublicKey):
-        raise BadMaterialError(
-            f"{source}: the publisher key is Ed25519; use what `trustmgr agent publisher-key` "
-            "prints"
-        )
+        raise BadMaterialError(f"{source}: not an Ed25519 key; use what `{command}` prints")
     return key
 
 
@@ -350,3 +349,41 @@ class Report:
 
 def csr_digest(csr: x509.CertificateSigningRequest) -> str:
     return hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def seal_report(report: Report, key: Ed25519PrivateKey) -> bytes:
+    """The report as the agent writes it, signed with its identity key: the
+    central run trusts it only from the key it knows for the cluster."""
+    payload = report.to_bytes()
+    envelope = {
+        "report": base64.b64encode(payload).decode(),
+        "identity": public_key_pem(key.public_key()).decode(),
+        "signature": base64.b64encode(key.sign(payload)).decode(),
+    }
+    return json.dumps(envelope, sort_keys=True).encode()
+
+
+def open_report(data: bytes, *, where: str) -> tuple[Report, str]:
+    """The report in ``data`` and the key id of the identity that signed it;
+    BadMaterialError with one line for anything else."""
+    if len(data) > MAX_DOCUMENT:
+        raise BadMaterialError(f"{where}: the agent's report is over {MAX_DOCUMENT} bytes")
+    try:
+        envelope = json.loads(data)
+        payload = base64.b64decode(envelope["report"], validate=True)
+        signature = base64.b64decode(envelope["signature"], validate=True)
+        try:
+            identity = load_public_key(str(envelope["identity"]).encode(), where)
+        except BadMaterialError:
+            raise ValueError("identity") from None
+        identity.verify(signature, payload)
+    except InvalidSignature:
+        raise BadMaterialError(
+            f"{where}: the agent's report is not signed by the key it names; refusing it"
+        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error):
+        raise BadMaterialError(
+            f"{where}: not a signed trustmgr agent report; the agent writes it again at its "
+            "next pass"
+        ) from None
+    return Report.parse(payload, where=where), key_id(identity)

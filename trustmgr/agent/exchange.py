@@ -58,6 +58,8 @@ class AgentLocal:
     """PEM private key of the CSR it waits on the central run to sign (b"" none)."""
     pending_csr: bytes = b""
     """PEM of that CSR."""
+    identity_key: bytes = field(default=b"", repr=False)
+    """PEM Ed25519 private key the agent signs its reports with (made on first use)."""
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -66,6 +68,7 @@ class AgentLocal:
                 "digest": self.digest,
                 "pendingKey": self.pending_key.decode(),
                 "pendingCsr": self.pending_csr.decode(),
+                "identityKey": self.identity_key.decode(),
             },
             sort_keys=True,
         ).encode()
@@ -79,6 +82,7 @@ class AgentLocal:
                 str(d["digest"]),
                 str(d["pendingKey"]).encode(),
                 str(d["pendingCsr"]).encode(),
+                str(d.get("identityKey") or "").encode(),
             )
         except (ValueError, KeyError, TypeError):
             raise StateError(

@@ -174,6 +174,9 @@ class State:
     """The rotation in progress per provider."""
     generations: dict[str, str] = field(default_factory=dict)
     """Per self-signed provider, the generation whose root is current ("" the first)."""
+    agents: dict[str, str] = field(default_factory=dict)
+    """Per agent-mode cluster, the key id of its agent, trusted at its first report
+    (a cluster's ``agentKey`` in the configuration overrides it)."""
 
     def with_cluster(self, name: str, record: ClusterRecord) -> State:
         return replace(self, clusters={**self.clusters, name: record})
@@ -193,6 +196,7 @@ class State:
             "imported": bundles(self.imported),
             "rotations": {k: r.to_json() for k, r in sorted(self.rotations.items())},
             "generations": dict(sorted(self.generations.items())),
+            "agents": dict(sorted(self.agents.items())),
         }
 
     @classmethod
@@ -220,6 +224,7 @@ class State:
                     for k, v in data.get("rotations", {}).items()
                 },
                 generations={str(k): str(v) for k, v in data.get("generations", {}).items()},
+                agents={str(k): str(v) for k, v in data.get("agents", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(
