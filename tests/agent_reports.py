@@ -32,7 +32,10 @@ def identity_of(local_record: Path) -> Ed25519PrivateKey:
 
 def signed(report: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
     """``report`` signed with ``key``, as an agent writes it."""
-    data = json.dumps(report, sort_keys=True).encode()
+    return _signed_bytes(json.dumps(report, sort_keys=True).encode(), key)
+
+
+def _signed_bytes(data: bytes, key: Ed25519PrivateKey) -> bytes:
     return json.dumps(
         {
             "report": base64.b64encode(data).decode(),
@@ -49,3 +52,11 @@ def rewrite(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
     report = payload(path.read_bytes())
     change(report)
     path.write_bytes(signed(report, identity_of(directory / ".trustmgr-agent.json")))
+
+
+def rewrite_text(directory: Path, change: Callable[[str], str]) -> None:
+    """Change the report's JSON as text (what no JSON library writes) and sign the
+    bytes again with the directory agent's own key."""
+    path = directory / "trustmgr-report.json"
+    text = change(base64.b64decode(json.loads(path.read_bytes())["report"]).decode())
+    path.write_bytes(_signed_bytes(text.encode(), identity_of(directory / ".trustmgr-agent.json")))

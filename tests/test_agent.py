@@ -730,3 +730,45 @@ def test_the_first_report_s_key_is_trusted_and_agent_key_pins_it(fleet: Path) ->
     )
     run = trustmgr("validate")
     assert run.code == 2 and "agentKey is the agent's public key in PEM" in run.err
+
+
+def test_an_agent_reporting_a_ca_under_an_unknown_root_fails_alone(
+    fleet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trustmgr.pki import CACerts as Material
+
+    other = fleet / "elsewhere"
+    other.mkdir()
+    (other / "trustmgr.yaml").write_text(
+        "stateStore: {file: {path: state}}\n"
+        "providers:\n  corp:\n    selfSigned: {passphraseEnv: TRUSTMGR_PASSPHRASE}\n"
+        "meshes:\n  a:\n    trustDomain: a.example\n    provider: corp\n    clusters:\n"
+        "      x: {directory: {path: out/x}}\n"
+    )
+    with monkeypatch.context() as m:  # another mesh's CA, under a root corp does not have
+        m.chdir(other)
+        assert trustmgr("bootstrap").code == 0
+    foreign = Material.from_files(
+        {
+            n: (other / "out/x" / n).read_bytes()
+            for n in ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
+        }
+    )
+    rewrite(
+        fleet / "out/a-2",
+        lambda report: report.update(
+            caCert=foreign.ca_cert.decode(),
+            certChain=foreign.cert_chain.decode(),
+            rootCert=foreign.root_cert.decode(),
+        ),
+    )
+    published = (fleet / "out/a-2/trustmgr-desired.json").read_bytes()
+    (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", ""))
+    run = trustmgr("reconcile", "-o", "json")
+    assert run.code == 1  # a-2 failed; the others were served
+    rows = {c["cluster"]: c for c in json.loads(run.out)["clusters"]}
+    assert (rows["a-2"]["action"], rows["a-2"]["reason"]) == ("fail", "UnknownRoot")
+    assert "which provider corp does not have" in rows["a-2"]["message"]
+    assert rows["a-1"]["action"] == "update-bundle" and rows["a-1"]["ok"]
+    assert rows["a-3"]["action"] == rows["b-1"]["action"] == "publish"
+    assert (fleet / "out/a-2/trustmgr-desired.json").read_bytes() == published

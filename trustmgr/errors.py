@@ -18,6 +18,13 @@ what to do; none carries a key, token or passphrase.
 from __future__ import annotations
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one line of printable characters, at most ``limit`` long: how a
+    message that came from elsewhere (a server, an agent) is shown or logged."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class TrustmgrError(Exception):
     exit_code = 1
 

@@ -281,6 +281,8 @@ def _apply_cluster(
     never overwritten blindly; a CA issued for it is kept across such retries."""
     assert c.desired is not None
     d = c.desired
+    if c.action in (Action.FAIL, Action.REFUSE):
+        return outcome(c, ok=False, error=c.message), None
     if c.action in (Action.PUBLISH, Action.SIGN):
         return _publish(ws, c, d, reading, fence), None
     target = ws.targets[c.cluster]

@@ -13,6 +13,7 @@ What is read, in one vocabulary:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from trustmgr.spiffe import SpiffeBundle
 from trustmgr.state.model import State
 from trustmgr.targets import Target
 from trustmgr.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 class Owner(StrEnum):
@@ -150,7 +153,24 @@ def read_target(target: Target, trust_domain: str, now: datetime) -> Reading:
 
 def read_agent(ws: Workspace, cluster: str, trust_domain: str) -> Reading:
     """An agent-mode cluster, from its exchange: the agent's report stands for
-    the target (its public part), the publication is checked with the publisher key."""
+    the target (its public part), the publication is checked with the publisher key.
+
+    The exchange is written by parties weaker than the cluster's cacerts: what
+    cannot be read or understood there is this cluster's problem, in one line,
+    and never stops the reading of the others."""
+    try:
+        return _read_agent(ws, cluster, trust_domain)
+    except Exception as exc:  # a bug met reading one cluster fails that cluster only
+        # The type alone: the exception may quote what the exchange holds.
+        log.warning("cluster %s: unexpected %s reading its exchange", cluster, type(exc).__name__)
+        log.debug("cluster %s: unexpected error", cluster, exc_info=True)
+        return unreadable(
+            f"cluster {cluster}: its exchange could not be read (unexpected "
+            f"{type(exc).__name__}; run with -vv for the traceback)"
+        )
+
+
+def _read_agent(ws: Workspace, cluster: str, trust_domain: str) -> Reading:
     exchange = ws.exchanges[cluster]
     try:
         published_bytes = exchange.read_desired()

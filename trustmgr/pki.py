@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustmgr.bundles import TrustBundle, fingerprint, load_certificates, pem, pem_blocks
-from trustmgr.errors import BadMaterialError, ProviderAnswerError
+from trustmgr.errors import BadMaterialError, ProviderAnswerError, one_line
 from trustmgr.providers import SignedCA
 from trustmgr.providers.chains import is_self_signed, issued_by
 from trustmgr.providers.keys import KeyAlgorithm, ca_key_usage, key_algorithm_of
@@ -450,12 +450,32 @@ def _is_ca(cert: x509.Certificate) -> bool:
     return bc is not None and isinstance(bc.value, x509.BasicConstraints) and bc.value.ca
 
 
+MAX_SIGNATURE_CHECKS = 100
+"""Go's x509.Verify gives up after this many signature checks (maxChainSignatureChecks):
+certificates issuing each other would otherwise make exponentially many paths."""
+
+
+class _TooManyChecks(Exception):
+    pass
+
+
 def _path_to_root(
     leaf: x509.Certificate, intermediates: list[x509.Certificate], roots: list[x509.Certificate]
 ) -> list[x509.Certificate] | None:
     """Go x509.Verify's path building, depth-first: leaf, intermediates…, root.
     As Go, it takes an intermediate only if it is a CA, and a parent only if its
-    path length covers the intermediates between it and the leaf."""
+    path length covers the intermediates between it and the leaf; and it raises
+    _TooManyChecks past MAX_SIGNATURE_CHECKS signature checks, where Go gives up."""
+    checks = 0
+
+    def signed(cert: x509.Certificate, parent: x509.Certificate) -> bool:
+        nonlocal checks
+        if cert.issuer != parent.subject:
+            return False  # not a candidate, as Go's findPotentialParents: no check counted
+        checks += 1
+        if checks > MAX_SIGNATURE_CHECKS:
+            raise _TooManyChecks
+        return issued_by(cert, parent)
 
     def room(parent: x509.Certificate, below: int) -> bool:
         bc = _ext(parent, x509.BasicConstraints)
@@ -466,7 +486,7 @@ def _path_to_root(
     def walk(cert: x509.Certificate, path: list[x509.Certificate]) -> list[x509.Certificate] | None:
         below = len(path) - 1
         for root in roots:
-            if room(root, below) and issued_by(cert, root):
+            if room(root, below) and signed(cert, root):
                 return [*path, root]
         if len(path) > 8:
             return None
@@ -475,7 +495,7 @@ def _path_to_root(
                 parent not in path
                 and _is_ca(parent)
                 and room(parent, below)
-                and issued_by(cert, parent)
+                and signed(cert, parent)
             ):
                 found = walk(parent, [*path, parent])
                 if found:
@@ -504,7 +524,14 @@ def istiod_problems(material: CACerts, *, now: datetime, with_key: bool = True) 
         problems.append(str(exc))
     if not _is_ca(ca):
         problems.append("ca-cert.pem is not a CA certificate")
-    path = _path_to_root(ca, chain, roots)
+    try:
+        path = _path_to_root(ca, chain, roots)
+    except _TooManyChecks:
+        problems.append(
+            f"ca-cert.pem: finding its path to a root takes over {MAX_SIGNATURE_CHECKS} "
+            "signature checks, where Go's verifier gives up"
+        )
+        return problems
     if path is None:
         problems.append("ca-cert.pem does not chain to any root in root-cert.pem")
         return problems
@@ -599,10 +626,14 @@ def observe_public(
     material: CACerts, *, trust_domain: str | None, now: datetime, reported: tuple[str, ...] = ()
 ) -> ObservedCA:
     """What public material says (``material.ca_key`` is empty: an agent's report),
-    with the problems the agent ``reported`` of the key it alone holds."""
+    with the problems the agent ``reported`` of the key it alone holds. Its words
+    come from the agent's certificates (names, URIs): each is made one line."""
     observed = observe(material, trust_domain=trust_domain, now=now, with_key=False)
-    problems = tuple(dict.fromkeys((*observed.problems, *reported)))
-    return replace(observed, problems=problems)
+    problems = tuple(dict.fromkeys(one_line(p, 1000) for p in (*observed.problems, *reported)))
+    domain = observed.trust_domain
+    return replace(
+        observed, problems=problems, trust_domain=None if domain is None else one_line(domain)
+    )
 
 
 def _observe(

@@ -993,7 +993,13 @@ def _plan_clusters(
         signer = signer_for(config, d.provider, generation)
         return plan_agent(d, reading, signer, phase, observation.taken_at)
 
-    clusters = [plan_one(mesh, cluster, phases) for mesh, cluster, _ in config.clusters()]
+    lost = _lost_agents(config, observation, scopes)
+    clusters = [
+        ClusterPlan(cluster, mesh, Action.FAIL, "UnknownRoot", lost[cluster])
+        if cluster in lost
+        else plan_one(mesh, cluster, phases)
+        for mesh, cluster, _ in config.clusters()
+    ]
     for key, scope in scopes.items():
         if phases[key] is not Phase.ISSUER_SWITCHED:
             continue
@@ -1057,6 +1063,8 @@ def _refuse_root_swap(
         provider = config.meshes[mesh_name].provider or ""
         if reading.owner is not Owner.TRUSTMGR or reading.ca is None or not reading.ca.chain_root:
             continue
+        if reading.agent is not None:
+            continue  # an agent's word holds for its own cluster only: _lost_agents
         allowed = list(observation.roots.get(provider, ()))
         if mesh_name in by_mesh:
             allowed += [*by_mesh[mesh_name].old, *by_mesh[mesh_name].new]
@@ -1085,6 +1093,32 @@ def _refuse_root_swap(
             f"under one: restore providers/{provider}/ in the state store from a backup "
             "(to start over with a new root, remove the state's state.json first)"
         )
+
+
+def _lost_agents(
+    config: Config, observation: Observation, scopes: Mapping[str, Scope]
+) -> dict[str, str]:
+    """Agent-mode clusters whose agent reports a CA under a root their mesh may not be
+    under, with why: such a cluster fails alone, and nothing is published to it, since
+    a new document would move its agent to another root at once."""
+    by_mesh = {m: scope for scope in scopes.values() for m in scope.meshes}
+    out = {}
+    for mesh_name, cluster, _ in config.clusters():
+        reading = observation.clusters[cluster]
+        ca = reading.ca
+        if reading.agent is None or reading.owner is not Owner.TRUSTMGR or ca is None:
+            continue
+        provider = config.meshes[mesh_name].provider or ""
+        allowed = list(observation.roots.get(provider, ()))
+        if mesh_name in by_mesh:
+            allowed += [*by_mesh[mesh_name].old, *by_mesh[mesh_name].new]
+        if ca.chain_root and ca.chain_root not in {fingerprint(r) for r in allowed}:
+            out[cluster] = (
+                f"the agent reports a CA under root {_colons(ca.chain_root)}, which provider "
+                f"{provider} does not have: restore that root, or if the report is not to be "
+                "believed, see the agent; nothing is published to this cluster meanwhile"
+            )
+    return out
 
 
 def _some(names: list[str], shown: int = 5) -> str:

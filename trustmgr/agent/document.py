@@ -14,9 +14,9 @@ cluster, checked by whoever reads it; it never holds a private key."""
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,17 +27,114 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from trustmgr.bundles import fingerprint
-from trustmgr.errors import BadInputError, BadMaterialError
+from trustmgr.errors import BadInputError, BadMaterialError, one_line
 
 KIND_DESIRED = "trustmgr.io/desired"
 KIND_REPORT = "trustmgr.io/report"
 VERSION = 1
 MAX_DOCUMENT = 512 * 1024
 """Far above any real document (a bundle of a few roots), far below what would hurt."""
+MAX_NESTING = 16
+"""How deep JSON values may nest in a document (a real one goes three deep)."""
+MAX_NUMBER = 2**63
+"""Sequences are below it (so they fit the int64 other tools read them as)."""
+MAX_SECONDS = 1000 * 366 * 86400
+"""Durations are below a thousand years."""
+MAX_CHAIN = 10
+"""Certificates in a chain (or a CA certificate's file)."""
+MAX_BUNDLE = 64
+"""Certificates in a trust bundle."""
+MAX_ERROR = 500
+"""Characters of a report's error and foreign reason."""
+MAX_PROBLEM = 300
+"""Characters of each problem a report lists."""
+MAX_PROBLEMS = 32
+"""Problems a report lists."""
+MAX_NAME = 253
+"""Characters of a report's cluster name and phase."""
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
+
+_PARSE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
+"""What reading an untrusted document may raise: each means it is not one to act on."""
 
 
 class DocumentError(BadInputError):
     """A desired document an agent must not act on: one line saying why."""
+
+
+class _Unfit(ValueError):
+    """A document's field is not what trustmgr writes there; the message names it,
+    never its content."""
+
+
+def _load(data: bytes) -> dict[str, Any]:
+    """A JSON object nested at most MAX_NESTING deep."""
+    try:
+        value = json.loads(data)
+    except RecursionError:  # json nests until the interpreter's recursion limit
+        raise _Unfit(f"nested deeper than {MAX_NESTING}") from None
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_NESTING:
+            raise _Unfit(f"nested deeper than {MAX_NESTING}")
+        if isinstance(item, dict):
+            todo.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            todo.extend((child, depth + 1) for child in item)
+    if not isinstance(value, dict):
+        raise _Unfit("not a JSON object")
+    return value
+
+
+def _value(data: dict[str, Any], key: str, kind: type, what: str, *, required: bool) -> Any:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise _Unfit(f"{key} is missing")
+        return None
+    if not isinstance(value, kind):
+        raise _Unfit(f"{key} is not {what}")
+    return value
+
+
+def _text(data: dict[str, Any], key: str, *, required: bool = True) -> str:
+    """A string field; "" when an optional one is missing or null."""
+    return str(_value(data, key, str, "a string", required=required) or "")
+
+
+def _texts(data: dict[str, Any], key: str, *, required: bool = True) -> tuple[str, ...]:
+    """A list of strings; () when an optional one is missing or null."""
+    items = _value(data, key, list, "a list of strings", required=required) or []
+    if not all(isinstance(item, str) for item in items):
+        raise _Unfit(f"{key} is not a list of strings")
+    return tuple(items)
+
+
+def _object(data: dict[str, Any], key: str, *, required: bool = True) -> dict[str, Any]:
+    """An object field; {} when an optional one is missing or null."""
+    return dict(_value(data, key, dict, "an object", required=required) or {})
+
+
+def _number(data: dict[str, Any], key: str, below: int = MAX_NUMBER) -> int:
+    """A JSON integer from 0 to ``below`` (neither a float nor true/false)."""
+    value = data.get(key)
+    if type(value) is not int or not 0 <= value < below:
+        raise _Unfit(f"{key} is not a whole number from 0 to {below - 1}")
+    return value
+
+
+def _pem(data: dict[str, Any], key: str, most: int, *, required: bool = True) -> str:
+    """PEM text of at most ``most`` blocks."""
+    text = _text(data, key, required=required)
+    if text.count("-----BEGIN") > most:
+        raise _Unfit(f"{key} holds more than {most} PEM blocks")
+    return text
+
+
+def _why(exc: BaseException) -> str:
+    """What is wrong, for a message: a field's name, never what it holds."""
+    return f" ({exc})" if isinstance(exc, _Unfit) else ""
 
 
 @dataclass(frozen=True)
@@ -62,12 +159,12 @@ class Signer:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> Signer:
+    def from_json(cls, data: dict[str, Any]) -> Signer:
         return cls(
-            str(data["kind"]),
-            str(data["provider"]),
-            dict(data.get("settings") or {}),
-            str(data.get("generation") or ""),
+            _text(data, "kind"),
+            _text(data, "provider"),
+            _object(data, "settings", required=False),
+            _text(data, "generation", required=False),
         )
 
 
@@ -141,24 +238,28 @@ class Desired:
         return json.dumps({**body, **self.content()}, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: Any) -> Desired:
-        signed = data.get("signed")
+    def from_json(cls, data: dict[str, Any]) -> Desired:
+        """The document in ``data``; raises ValueError naming the first field that
+        is not what trustmgr writes there."""
+        signed = None if data.get("signed") is None else _object(data, "signed")
         return cls(
-            cluster=str(data["cluster"]),
-            mesh=str(data["mesh"]),
-            trust_domain=str(data["trustDomain"]),
-            bundle=str(data["bundle"]),
-            signing_roots=tuple(str(f) for f in data["signingRoots"]),
-            key_algorithm=str(data["keyAlgorithm"]),
-            ttl=timedelta(seconds=int(data["ttlSeconds"])),
-            renew_before=timedelta(seconds=int(data["renewBeforeSeconds"])),
-            signer=Signer.from_json(data["signer"]),
-            organization=None if data.get("organization") is None else str(data["organization"]),
+            cluster=_text(data, "cluster"),
+            mesh=_text(data, "mesh"),
+            trust_domain=_text(data, "trustDomain"),
+            bundle=_pem(data, "bundle", MAX_BUNDLE),
+            signing_roots=_texts(data, "signingRoots"),
+            key_algorithm=_text(data, "keyAlgorithm"),
+            ttl=timedelta(seconds=_number(data, "ttlSeconds", MAX_SECONDS)),
+            renew_before=timedelta(seconds=_number(data, "renewBeforeSeconds", MAX_SECONDS)),
+            signer=Signer.from_json(_object(data, "signer")),
+            organization=None if data.get("organization") is None else _text(data, "organization"),
             signed=None
             if signed is None
-            else Signed(str(signed["csr"]), str(signed["chain"]), str(signed["root"])),
-            phase=str(data.get("phase") or ""),
-            sequence=int(data["sequence"]),
+            else Signed(
+                _text(signed, "csr"), _pem(signed, "chain", MAX_CHAIN), _pem(signed, "root", 1)
+            ),
+            phase=_text(data, "phase", required=False),
+            sequence=_number(data, "sequence"),
         )
 
 
@@ -211,14 +312,16 @@ def unseal(data: bytes, key: Ed25519PublicKey | None, *, where: str) -> Desired:
     if len(data) > MAX_DOCUMENT:
         raise DocumentError(f"{where}: the desired document is over {MAX_DOCUMENT} bytes")
     try:
-        envelope = json.loads(data)
-        payload = base64.b64decode(envelope["payload"], validate=True)
-        signature = base64.b64decode(envelope["signature"], validate=True)
-        signed_by = str(envelope["key"])
-    except (ValueError, KeyError, TypeError, binascii.Error):
+        envelope = _load(data)
+        payload = base64.b64decode(_text(envelope, "payload"), validate=True)
+        signature = base64.b64decode(_text(envelope, "signature"), validate=True)
+        signed_by = _text(envelope, "key")
+        if not _KEY_ID.fullmatch(signed_by):
+            raise _Unfit("key is not a SHA-256 in hex")
+    except _PARSE_ERRORS as exc:
         raise DocumentError(
-            f"{where}: not a signed trustmgr desired document; the central run publishes it "
-            "again at its next pass"
+            f"{where}: not a signed trustmgr desired document{_why(exc)}; the central run "
+            "publishes it again at its next pass"
         ) from None
     if key is not None:
         if signed_by != key_id(key):
@@ -235,15 +338,15 @@ def unseal(data: bytes, key: Ed25519PublicKey | None, *, where: str) -> Desired:
                 "tampered document; nothing was changed"
             ) from None
     try:
-        data_ = json.loads(payload)
+        data_ = _load(payload)
         if data_.get("kind") != KIND_DESIRED or data_.get("version") != VERSION:
             raise ValueError("kind")
         return Desired.from_json(data_)
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except _PARSE_ERRORS as exc:
         raise DocumentError(
-            f"{where}: the desired document is signed but not one this trustmgr reads "
-            f"(kind {KIND_DESIRED}, version {VERSION}); use the same trustmgr version centrally "
-            "and in the cluster"
+            f"{where}: the desired document is signed but not one this trustmgr reads"
+            f"{_why(exc)} (kind {KIND_DESIRED}, version {VERSION}); use the same trustmgr "
+            "version centrally and in the cluster"
         ) from None
 
 
@@ -284,6 +387,21 @@ class Report:
     """Why the cacerts it holds are not trustmgr's ("" they are, or there is none)."""
     reported_at: datetime | None = None
 
+    def __post_init__(self) -> None:
+        # What a report says in words is bounded where any report is made, built by
+        # the agent or parsed by anyone: one line of printable characters each (no
+        # fake lines in what the central run prints), and short. Building and
+        # parsing then give equal reports for equal facts.
+        bounded = {
+            "cluster": one_line(self.cluster, MAX_NAME),
+            "phase": one_line(self.phase, MAX_NAME),
+            "error": one_line(self.error, MAX_ERROR),
+            "foreign": one_line(self.foreign, MAX_ERROR),
+            "problems": tuple(one_line(p, MAX_PROBLEM) for p in self.problems[:MAX_PROBLEMS]),
+        }
+        for name, value in bounded.items():
+            object.__setattr__(self, name, value)
+
     def to_bytes(self) -> bytes:
         return json.dumps(
             {
@@ -309,26 +427,30 @@ class Report:
         if len(data) > MAX_DOCUMENT:
             raise BadMaterialError(f"{where}: the agent's report is over {MAX_DOCUMENT} bytes")
         try:
-            d = json.loads(data)
+            d = _load(data)
             if d.get("kind") != KIND_REPORT or d.get("version") != VERSION:
                 raise ValueError("kind")
-            at = d.get("reportedAt")
+            at = _text(d, "reportedAt", required=False)
+            reported_at = datetime.fromisoformat(at) if at else None
+            if reported_at is not None and reported_at.utcoffset() is None:
+                raise _Unfit("reportedAt has no time zone")
             report = cls(
-                cluster=str(d["cluster"]),
-                sequence=int(d["sequence"]),
-                ca_cert=str(d.get("caCert") or ""),
-                cert_chain=str(d.get("certChain") or ""),
-                root_cert=str(d.get("rootCert") or ""),
-                problems=tuple(str(p)[:300] for p in d.get("problems") or ()),
-                csr=str(d.get("csr") or ""),
-                phase=str(d.get("phase") or ""),
-                error=str(d.get("error") or "")[:500],
-                foreign=str(d.get("foreign") or "")[:500],
-                reported_at=datetime.fromisoformat(at) if at else None,
+                cluster=_text(d, "cluster"),
+                sequence=_number(d, "sequence"),
+                ca_cert=_pem(d, "caCert", MAX_CHAIN, required=False),
+                cert_chain=_pem(d, "certChain", MAX_CHAIN, required=False),
+                root_cert=_pem(d, "rootCert", MAX_BUNDLE, required=False),
+                problems=_texts(d, "problems", required=False),
+                csr=_pem(d, "csr", 1, required=False),
+                phase=_text(d, "phase", required=False),
+                error=_text(d, "error", required=False),
+                foreign=_text(d, "foreign", required=False),
+                reported_at=reported_at,
             )
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except _PARSE_ERRORS as exc:
             raise BadMaterialError(
-                f"{where}: not a trustmgr agent report; the agent writes it again at its next pass"
+                f"{where}: not a trustmgr agent report{_why(exc)}; the agent writes it again at "
+                "its next pass"
             ) from None
         if "PRIVATE KEY" in data.decode(errors="replace"):
             raise BadMaterialError(
@@ -369,21 +491,21 @@ def open_report(data: bytes, *, where: str) -> tuple[Report, str]:
     if len(data) > MAX_DOCUMENT:
         raise BadMaterialError(f"{where}: the agent's report is over {MAX_DOCUMENT} bytes")
     try:
-        envelope = json.loads(data)
-        payload = base64.b64decode(envelope["report"], validate=True)
-        signature = base64.b64decode(envelope["signature"], validate=True)
+        envelope = _load(data)
+        payload = base64.b64decode(_text(envelope, "report"), validate=True)
+        signature = base64.b64decode(_text(envelope, "signature"), validate=True)
         try:
-            identity = load_public_key(str(envelope["identity"]).encode(), where)
+            identity = load_public_key(_text(envelope, "identity").encode(), where)
         except BadMaterialError:
-            raise ValueError("identity") from None
+            raise _Unfit("identity is not an Ed25519 public key") from None
         identity.verify(signature, payload)
     except InvalidSignature:
         raise BadMaterialError(
             f"{where}: the agent's report is not signed by the key it names; refusing it"
         ) from None
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error):
+    except _PARSE_ERRORS as exc:
         raise BadMaterialError(
-            f"{where}: not a signed trustmgr agent report; the agent writes it again at its "
-            "next pass"
+            f"{where}: not a trustmgr agent report{_why(exc)}; the agent writes it again at "
+            "its next pass"
         ) from None
     return Report.parse(payload, where=where), key_id(identity)

@@ -41,7 +41,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception
 from tenacity.stop import stop_after_attempt, stop_before_delay
 
 from trustmgr.config import KubernetesTargetConfig
-from trustmgr.errors import TargetConflictError, TargetError, TransientTargetError
+from trustmgr.errors import TargetConflictError, TargetError, TransientTargetError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ def object_path(collection: str, namespace: str, name: str | None = None) -> str
 
 def scrub(text: str, limit: int = 300) -> str:
     """``text`` without PEM blocks or long base64-like runs, on one line, and not too long."""
-    text = " ".join(_LONG_TOKEN.sub("[redacted]", _PEM.sub("[redacted]", text)).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return one_line(_LONG_TOKEN.sub("[redacted]", _PEM.sub("[redacted]", text)), limit)
 
 
 def transient(exc: BaseException) -> bool:
