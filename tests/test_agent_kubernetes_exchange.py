@@ -31,8 +31,6 @@ from trustmgr.agent.exchange import AgentLocal
 from trustmgr.agent.kubernetes import (
     KubernetesExchange,
     KubernetesLocalStore,
-    exchange_for,
-    local_store_for,
 )
 from trustmgr.config import KubernetesTargetConfig
 from trustmgr.errors import StateError, TargetConflictError, TargetError, TransientTargetError
@@ -617,12 +615,3 @@ def test_each_side_is_refused_the_other_sides_objects(sides: Sides, cluster: Kub
     cluster.reset_rbac()
     assert sides.exchange().read_desired() == b'{"n": 1}'
     assert sides.exchange().read_report() == b'{"r": 1}'
-
-
-def test_the_factories_build_the_kubernetes_exchange_and_store(sides: Sides) -> None:
-    exchange, store = exchange_for("c1", sides.config()), local_store_for("c1", sides.config())
-    sides.made += [exchange, store]
-    assert isinstance(exchange, KubernetesExchange)
-    assert isinstance(store, KubernetesLocalStore)
-    assert exchange.read_desired() is None
-    assert store.load() == AgentLocal()

@@ -42,7 +42,6 @@ from trustmgr.agent.document import (
 )
 from trustmgr.agent.exchange import (
     AgentLocal,
-    DirectoryExchange,
     DirectoryLocalStore,
     Exchange,
     LocalStore,
@@ -75,7 +74,7 @@ from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.targets import Target
 from trustmgr.targets.base import IstiodRestarter
 from trustmgr.upstream import build_provider
-from trustmgr.workspace import default_target
+from trustmgr.workspace import default_exchange, default_target
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +91,6 @@ class AgentOutcome:
     message: str
     sequence: int = 0
     error: str = ""
-    waiting: bool = False
-    """A CSR waits for the central run's signature."""
     exit_code: int = 0
     """``trustmgr agent run --once``'s: 2 for what a person must fix (a refused
     document, a missing credential), 1 for other failures."""
@@ -134,17 +131,16 @@ class Agent:
             directory=config.directory, kubernetes=config.kubernetes, istio=config.istio
         )
         target = default_target(config.cluster, cluster)
-        exchange: Exchange
+        exchange = default_exchange(config.cluster, cluster)
         local: LocalStore
         if config.directory is not None:
-            path = Path(config.directory.path).expanduser()
-            exchange = DirectoryExchange(path, cluster=config.cluster)
-            local = DirectoryLocalStore(path, cluster=config.cluster)
+            local = DirectoryLocalStore(
+                Path(config.directory.path).expanduser(), cluster=config.cluster
+            )
         else:
-            from trustmgr.agent.kubernetes import KubernetesExchange, KubernetesLocalStore
+            from trustmgr.agent.kubernetes import KubernetesLocalStore
 
             assert config.kubernetes is not None
-            exchange = KubernetesExchange(config.cluster, config.kubernetes)
             local = KubernetesLocalStore(config.cluster, config.kubernetes)
         return cls(config, target, exchange, local, key, clock)
 
@@ -261,7 +257,6 @@ class Agent:
         if material is None:
             return replace(
                 done,
-                waiting=True,
                 message=f"{plan.message}; CSR published, waiting for the central run to sign it",
             )
         self._write(material, d, now)

@@ -41,8 +41,8 @@ M = TypeVar("M", bound=Model)
 # Labels joined by single dots: a leading dot would make the URI name constraint
 # ".td" permit every subdomain of td (RFC 5280 4.2.1.10).
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
-_DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-_NAME = re.compile(_DNS_LABEL)
+DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_NAME = re.compile(DNS_LABEL)
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
@@ -70,7 +70,7 @@ class KubernetesStateStoreConfig(Model):
     """The state and the providers' blobs in one Secret, the run lock in a Lease
     ``<name>-lock`` beside it. The API is reached as a Kubernetes target's is."""
 
-    namespace: str = Field(default="trustmgr", pattern=_DNS_LABEL)
+    namespace: str = Field(default="trustmgr", pattern=DNS_LABEL)
     name: str = Field(default="trustmgr-state", pattern=_DNS_SUBDOMAIN, max_length=248)
     """The Secret's name; the Lease is named after it, with ``-lock`` appended."""
     kubeconfig: LocalPath | None = None
@@ -145,7 +145,7 @@ class KubernetesTargetConfig(Model):
     kubeconfig: LocalPath | None = None
     context: str | None = None
     in_cluster: bool = False
-    namespace: str = Field(default="istio-system", pattern=_DNS_LABEL)
+    namespace: str = Field(default="istio-system", pattern=DNS_LABEL)
     secret_name: str = Field(default="cacerts", pattern=_DNS_SUBDOMAIN, max_length=233)
     istiod_deployment: str = Field(default="istiod", pattern=_DNS_SUBDOMAIN)
     request_timeout: Duration = timedelta(seconds=10)
@@ -283,7 +283,7 @@ class LeaderElectionConfig(Model):
     ``renewDeadline`` has passed since its last renewal; the others take the
     Lease over once ``leaseDuration`` has passed since then."""
 
-    namespace: str = Field(default="trustmgr", pattern=_DNS_LABEL)
+    namespace: str = Field(default="trustmgr", pattern=DNS_LABEL)
     name: str = Field(default="trustmgr-leader", pattern=_DNS_SUBDOMAIN, max_length=253)
     lease_duration: Duration = timedelta(seconds=15)
     renew_deadline: Duration = timedelta(seconds=10)

@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from trustmgr.config import (
-    _DNS_LABEL,
+    DNS_LABEL,
     DirectoryTargetConfig,
     IstioSettings,
     KubernetesTargetConfig,
@@ -69,7 +69,7 @@ class AgentProviderCredentials(Model):
 class AgentConfig(Model):
     """``trustmgr agent run``'s file (docs/agent.md)."""
 
-    cluster: Annotated[str, Field(pattern=_DNS_LABEL)]
+    cluster: Annotated[str, Field(pattern=DNS_LABEL)]
     """This cluster's name in the central configuration."""
     publisher_key: str | None = None
     """The central run's publisher public key, PEM (``trustmgr agent publisher-key``)."""

@@ -271,13 +271,3 @@ class KubernetesLocalStore:
 
     def close(self) -> None:
         self._documents.close()
-
-
-def exchange_for(cluster: str, config: KubernetesTargetConfig) -> KubernetesExchange:
-    """The exchange of an agent cluster whose target is ``config``."""
-    return KubernetesExchange(cluster, config)
-
-
-def local_store_for(cluster: str, config: KubernetesTargetConfig) -> KubernetesLocalStore:
-    """The agent's own record in the cluster ``config`` reaches."""
-    return KubernetesLocalStore(cluster, config)
