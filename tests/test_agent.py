@@ -772,3 +772,48 @@ def test_an_agent_reporting_a_ca_under_an_unknown_root_fails_alone(
     assert rows["a-1"]["action"] == "update-bundle" and rows["a-1"]["ok"]
     assert rows["a-3"]["action"] == rows["b-1"]["action"] == "publish"
     assert (fleet / "out/a-2/trustmgr-desired.json").read_bytes() == published
+
+
+def test_the_document_carries_the_provider_settings_and_the_agent_brings_its_own(
+    tmp_path: Path,
+) -> None:
+    from trustmgr import config as config_mod
+    from trustmgr.agent.config import AgentConfig
+    from trustmgr.agent_run import Agent
+    from trustmgr.planner import signer_for
+
+    central = config_mod.parse(
+        "providers:\n  v:\n    vault:\n      address: https://vault.example:8200\n"
+        "      mount: pki-a\n      ttl: 2000h\n      timeout: 5s\n"
+        "      auth: {appRole: {roleId: central, secretIdEnv: CENTRAL_SECRET}}\n"
+        "meshes:\n  a:\n    trustDomain: a.example\n    provider: v\n    clusters:\n"
+        "      a-1: {directory: {path: out/a-1}, mode: agent}\n",
+        "central.yaml",
+    )
+    signer = signer_for(central, "v", "")
+    # no credentials, nothing of how the central run reaches Vault: that is the agent's
+    assert signer.settings == {
+        "address": "https://vault.example:8200",
+        "mount": "pki-a",
+        "ttl": "7200000s",
+    }
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from trustmgr.agent.document import public_key_pem
+
+    own = AgentConfig.model_validate(
+        {
+            "cluster": "a-1",
+            "publisherKey": public_key_pem(Ed25519PrivateKey.generate().public_key()).decode(),
+            "directory": {"path": str(tmp_path)},
+            "providers": {"v": {"vault": {"auth": {"kubernetes": {"role": "cluster-a-1"}}}}},
+        }
+    )
+    agent = Agent.build(own, clock=lambda: datetime.now(UTC))
+    from trustmgr.providers.vault import VaultProvider
+
+    provider = agent._provider(signer)
+    assert isinstance(provider, VaultProvider)
+    settings = provider._config
+    assert settings.ttl == timedelta(hours=2000) and settings.mount == "pki-a"
+    assert settings.auth.kubernetes is not None and settings.auth.app_role is None

@@ -320,6 +320,7 @@ def test_the_agent_issues_its_ca_through_aws_and_the_central_run_signs_only_for_
             "region": REGION,
             "signingAlgorithm": SIGNING,
             "templateArn": TEMPLATE,
+            "retryMode": "standard",
         },
         "generation": "",
     }

@@ -428,31 +428,13 @@ class Agent:
                     f"providers.{signer.provider}.vault.auth (this cluster's own role) to the "
                     "agent's configuration"
                 )
-            v = creds.vault
-            settings = {
-                **{k: val for k, val in signer.settings.items() if val is not None},
-                "auth": v.auth,
-                "caCert": v.ca_cert,
-                "tlsSkipVerify": v.tls_skip_verify,
-                "timeout": v.timeout,
-                "maxRetries": v.max_retries,
-            }
+            own = creds.vault.model_dump(by_alias=True, exclude_none=True)
+            settings = {**signer.settings, **own}
             entry = ProviderConfig(vault=self._settings(VaultConfig, signer, settings))
         elif signer.kind == "acmPca":
-            a = creds.acm_pca if creds is not None else None
-            local = (
-                {}
-                if a is None
-                else {
-                    "endpointUrl": a.endpoint_url,
-                    "assumeRoleArn": a.assume_role_arn,
-                    "maxWait": a.max_wait,
-                    "maxAttempts": a.max_attempts,
-                }
-            )
-            settings = {
-                k: val for k, val in {**signer.settings, **local}.items() if val is not None
-            }
+            mine = creds.acm_pca if creds is not None else None
+            own = mine.model_dump(by_alias=True, exclude_none=True) if mine is not None else {}
+            settings = {**signer.settings, **own}
             entry = ProviderConfig(acm_pca=self._settings(AcmPcaConfig, signer, settings))
         else:
             raise DocumentError(

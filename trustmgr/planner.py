@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from cryptography import x509
 
+from trustmgr.agent.config import AGENT_OWN
 from trustmgr.agent.document import Desired, Signed, Signer, csr_digest
 from trustmgr.bundles import TrustBundle, fingerprint
 from trustmgr.config import Config
@@ -480,25 +482,24 @@ def signer_for(config: Config, provider: str, generation: str) -> Signer:
     itself with its own identity (Vault, AWS), or by the central run, which alone
     holds a self-signed root."""
     entry = config.providers[provider]
+    # The provider's settings as the central file has them, but for what each agent
+    # brings itself (AGENT_OWN: its identity and how it reaches the service).
     if entry.vault is not None:
-        v = entry.vault
-        settings = {"address": v.address, "namespace": v.namespace, "mount": v.mount}
-        if v.issuer:
-            settings["issuer"] = v.issuer
-        return Signer("vault", provider, settings, generation)
+        settings = entry.vault.model_dump(by_alias=True, exclude=AGENT_OWN["vault"])
+        return Signer("vault", provider, _portable(settings), generation)
     if entry.acm_pca is not None:
-        a = entry.acm_pca
-        return Signer(
-            "acmPca",
-            provider,
-            {
-                "certificateAuthorityArn": a.certificate_authority_arn,
-                "region": a.region,
-                "signingAlgorithm": a.signing_algorithm,
-                "templateArn": a.template_arn,
-            },
-        )
+        settings = entry.acm_pca.model_dump(by_alias=True, exclude=AGENT_OWN["acmPca"])
+        return Signer("acmPca", provider, _portable(settings))
     return Signer("central", provider, {}, generation)
+
+
+def _portable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as JSON carries them: durations as seconds ("90s"), nothing unset."""
+    return {
+        key: f"{int(value.total_seconds())}s" if isinstance(value, timedelta) else value
+        for key, value in settings.items()
+        if value is not None
+    }
 
 
 def document_for(d: DesiredCluster, signer: Signer, phase: str, signed: Signed | None) -> Desired:

@@ -24,6 +24,14 @@ from trustmgr.schema import Duration, LocalPath, Model, NonNegativeDuration
 DEFAULT_AGENT_CONFIG = "/etc/trustmgr/agent.yaml"
 
 
+AGENT_OWN: dict[str, set[str]] = {
+    "vault": {"auth", "ca_cert", "tls_skip_verify", "timeout", "max_retries"},
+    "acmPca": {"endpoint_url", "assume_role_arn", "max_wait", "max_attempts"},
+}
+"""Per provider kind, the settings (field names) each agent has of its own: the
+desired document carries the provider's others, the agent's file these."""
+
+
 class AgentVaultCredentials(Model):
     """How this cluster logs in to the mesh's Vault or OpenBao: its own role
     (docs/agent.md: a role per cluster, allowed to sign for its mesh only)."""
