@@ -463,11 +463,16 @@ def test_agents_renew_by_themselves_and_the_daemon_counts_who_it_waits_for(fleet
     assert quiet is not None and not quiet.changed
     assert metric("trustmgr_clusters_awaiting_agent") == "trustmgr_clusters_awaiting_agent 0.0"
     before = {c: _held(fleet, c) for c in AGENTS}
-    now[0] += timedelta(days=21)  # inside renewBefore
-    waiting = daemon.run_pass()  # a-1 renewed; the agents have to make their CSRs first
+    now[0] += timedelta(days=21)  # inside renewBefore, and past half the documents' life
+    refreshed = daemon.run_pass()  # a-1 renewed; the agents' documents published again
+    assert refreshed is not None
+    assert {o.cluster: o.action.value for o in refreshed.outcomes if o.action.value != "none"} == {
+        "a-1": "renew",
+        **dict.fromkeys(AGENTS, "publish"),
+    }
+    waiting = daemon.run_pass()  # the agents have to make their CSRs first
     assert waiting is not None
     assert {o.cluster: o.action.value for o in waiting.outcomes if o.action.value != "none"} == {
-        "a-1": "renew",
         **dict.fromkeys(AGENTS, "await-agent"),
     }
     assert metric("trustmgr_clusters_awaiting_agent") == "trustmgr_clusters_awaiting_agent 3.0"
@@ -817,3 +822,37 @@ def test_the_document_carries_the_provider_settings_and_the_agent_brings_its_own
     settings = provider._config
     assert settings.ttl == timedelta(hours=2000) and settings.mount == "pki-a"
     assert settings.auth.kubernetes is not None and settings.auth.app_role is None
+
+
+def test_an_expired_document_is_refused_even_when_the_agent_lost_its_record(fleet: Path) -> None:
+    from trustmgr.agent import config as agent_config
+    from trustmgr.agent.document import DOCUMENT_LIFETIME
+    from trustmgr.agent_run import Agent
+
+    old = (fleet / "out/b-1/trustmgr-desired.json").read_bytes()
+    (fleet / "trustmgr.yaml").write_text(CONFIG.replace("FEDERATIONS", ""))
+    _converge(fleet, rounds=2)
+    held = _held(fleet, "b-1")
+    identity = json.loads((fleet / "out/b-1/.trustmgr-agent.json").read_text())["identityKey"]
+    (fleet / "out/b-1/.trustmgr-agent.json").write_text(
+        json.dumps(
+            {
+                "sequence": 0,
+                "digest": "",
+                "pendingKey": "",
+                "pendingCsr": "",
+                "identityKey": identity,
+            }
+        )
+    )  # the agent's record of what it applied is gone: the sequence cannot tell a replay
+    (fleet / "out/b-1/trustmgr-desired.json").write_bytes(old)
+    later = datetime.now(UTC) + DOCUMENT_LIFETIME + timedelta(hours=1)
+    agent = Agent.build(agent_config.load(_agent_config(fleet, "b-1")), clock=lambda: later)
+    try:
+        outcome = agent.run_once()
+    finally:
+        agent.close()
+    assert outcome.exit_code == 2
+    assert "the desired document expired at" in outcome.error
+    assert "refusing an old document" in outcome.error
+    assert _held(fleet, "b-1") == held  # the federation it ended is not brought back

@@ -151,6 +151,7 @@ def desired(sequence: int, bundle: str = "root A") -> Desired:
         renew_before=timedelta(days=10),
         signer=Signer("central", "web-root"),
         sequence=sequence,
+        not_after=datetime(2030, 1, 1, tzinfo=UTC),
     )
 
 

@@ -31,6 +31,7 @@ from trustmgr.agent.document import (
     DocumentError,
     Report,
     Signer,
+    check_expiry,
     check_sequence,
     csr_digest,
     digest,
@@ -200,6 +201,7 @@ class Agent:
                 f"{self.exchange.where}: the desired document is for cluster {desired.cluster}, "
                 f"this agent is {self.config.cluster}: refusing it"
             )
+        check_expiry(desired, self.clock(), where=self.exchange.where)
         local = self.local.load()
         check_sequence(
             desired, digest(data), local.sequence, local.digest, where=self.exchange.where

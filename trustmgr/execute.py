@@ -355,7 +355,7 @@ def _publish(
         seen = max(view.published_sequence, view.report.sequence if view.report else 0)
         sequence = max(seen + 1, int(ws.clock().timestamp() * 1000))
         fence()
-        ws.exchanges[c.cluster].publish(seal(document.with_sequence(sequence), key))
+        ws.exchanges[c.cluster].publish(seal(document.published(sequence, ws.clock()), key))
     except (TrustmgrError, ProviderError) as exc:
         log.warning("cluster %s: %s", c.cluster, exc, extra=_fields(c))
         return outcome(c, ok=False, error=str(exc))

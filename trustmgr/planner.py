@@ -584,7 +584,8 @@ def _plan_agent(
     # replay even where it says what is desired now, so it must be published past.
     applied = report.sequence if report is not None else 0
     replayed = published is not None and applied > published.sequence
-    if replayed or not document.same_content(published):
+    expiring = published is not None and published.expiring(now)
+    if replayed or expiring or not document.same_content(published):
         if view.published_problem:
             why = view.published_problem
         elif published is None and not view.published_sequence:
@@ -594,6 +595,9 @@ def _plan_agent(
                 f"the published sequence {published.sequence} is older than the {applied} the "
                 "agent applied: an older document was put back"
             )
+        elif published is not None and document.same_content(published) and expiring:
+            assert published.not_after is not None
+            why = f"the published document expires on {published.not_after:%Y-%m-%d}"
         else:
             why = "the desired state changed"
         return ClusterPlan(

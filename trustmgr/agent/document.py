@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -32,6 +32,10 @@ from trustmgr.errors import BadInputError, BadMaterialError, one_line
 KIND_DESIRED = "trustmgr.io/desired"
 KIND_REPORT = "trustmgr.io/report"
 VERSION = 1
+DOCUMENT_LIFETIME = timedelta(days=30)
+"""How long an agent acts on a desired document; published again at half of it."""
+CLOCK_SKEW = timedelta(minutes=5)
+"""How far an agent's clock may run ahead of the central run's."""
 MAX_DOCUMENT = 512 * 1024
 """Far above any real document (a bundle of a few roots), far below what would hurt."""
 MAX_NESTING = 16
@@ -207,9 +211,13 @@ class Desired:
     phase: str = ""
     """The root rotation phase this document belongs to, for reports ("" none)."""
     sequence: int = 0
+    not_after: datetime | None = None
+    """After this an agent refuses the document: a document put back once the
+    agent's own record of what it applied is lost is refused all the same."""
 
     def content(self) -> dict[str, Any]:
-        """Everything but the sequence: equal content needs no new publication."""
+        """Everything but the sequence and the expiry: equal content needs no new
+        publication."""
         return {
             "cluster": self.cluster,
             "mesh": self.mesh,
@@ -230,11 +238,21 @@ class Desired:
     def same_content(self, other: Desired | None) -> bool:
         return other is not None and self.content() == other.content()
 
-    def with_sequence(self, sequence: int) -> Desired:
-        return replace(self, sequence=sequence)
+    def published(self, sequence: int, now: datetime) -> Desired:
+        """The document as published at ``now`` with ``sequence``."""
+        return replace(self, sequence=sequence, not_after=now + DOCUMENT_LIFETIME)
+
+    def expiring(self, now: datetime) -> bool:
+        """Half its life is gone: the central run publishes it again."""
+        return self.not_after is None or now >= self.not_after - DOCUMENT_LIFETIME / 2
 
     def to_bytes(self) -> bytes:
-        body = {"kind": KIND_DESIRED, "version": VERSION, "sequence": self.sequence}
+        body = {
+            "kind": KIND_DESIRED,
+            "version": VERSION,
+            "sequence": self.sequence,
+            "notAfter": int(self.not_after.timestamp()) if self.not_after else None,
+        }
         return json.dumps({**body, **self.content()}, sort_keys=True).encode()
 
     @classmethod
@@ -260,6 +278,7 @@ class Desired:
             ),
             phase=_text(data, "phase", required=False),
             sequence=_number(data, "sequence"),
+            not_after=datetime.fromtimestamp(_number(data, "notAfter", MAX_SECONDS), UTC),
         )
 
 
@@ -348,6 +367,15 @@ def unseal(data: bytes, key: Ed25519PublicKey | None, *, where: str) -> Desired:
             f"{_why(exc)} (kind {KIND_DESIRED}, version {VERSION}); use the same trustmgr "
             "version centrally and in the cluster"
         ) from None
+
+
+def check_expiry(desired: Desired, now: datetime, *, where: str) -> None:
+    """Refuse a document past its notAfter (a replay the sequence cannot tell)."""
+    if desired.not_after is not None and now > desired.not_after + CLOCK_SKEW:
+        raise DocumentError(
+            f"{where}: the desired document expired at {desired.not_after:%Y-%m-%dT%H:%M}Z: "
+            "refusing an old document; the central run publishes a new one at its next pass"
+        )
 
 
 def check_sequence(
