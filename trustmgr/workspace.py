@@ -1,8 +1,11 @@
-"""The handles a pass works with: configuration, clock, state store, providers
-and targets, built once from the configuration. It reads and decides nothing."""
+"""The handles a pass works with: configuration, clock, state store, providers,
+targets and agents' exchanges, built once from the configuration. It decides
+nothing, and reads only what a handle needs, once: the publisher key, and the
+agent keys the state trusts."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -70,6 +73,8 @@ class Workspace:
     _upcoming: dict[str, RootKeeper] = field(default_factory=dict)
     _publisher: Ed25519PrivateKey | None = None
     _agents: dict[str, str] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Guards the two above: clusters are read by many threads."""
 
     @classmethod
     def build(
@@ -183,16 +188,18 @@ class Workspace:
             return key_id(
                 load_public_key(pinned.encode(), where, command="trustmgr agent identity")
             )
-        if self._agents is None:
-            self._agents = dict(self.store.load().agents)
-        return self._agents.get(cluster)
+        with self._lock:
+            if self._agents is None:
+                self._agents = dict(self.store.load().agents)
+            return self._agents.get(cluster)
 
     def publisher(self, *, create: bool = False) -> Ed25519PrivateKey | None:
         """The key desired documents are signed with; made and stored if ``create``."""
-        if self._publisher is None:
-            blobs = self.store.blobs()
-            self._publisher = publisher.ensure(blobs) if create else publisher.load(blobs)
-        return self._publisher
+        with self._lock:
+            if self._publisher is None:
+                blobs = self.store.blobs()
+                self._publisher = publisher.ensure(blobs) if create else publisher.load(blobs)
+            return self._publisher
 
 
 def authority(
