@@ -102,6 +102,12 @@ def test_a_mixed_fleet_bootstraps_each_agent_making_its_own_key(
     assert trustmgr("verify").code == 0
     status = json.loads(trustmgr("status", "-o", "json").out)
     assert {row["cluster"]: row["drift"] for row in status} == dict.fromkeys(("a-1", *AGENTS), None)
+    applied = {row["cluster"]: row["agent"] for row in status}
+    assert applied["a-1"] is None  # pushed
+    for cluster in AGENTS:  # what each agent reports it applied
+        published = json.loads((fleet / "out" / cluster / "trustmgr-desired.json").read_text())
+        sequence = json.loads(base64.b64decode(published["payload"]))["sequence"]
+        assert applied[cluster]["sequence"] == sequence and applied[cluster]["phase"] is None
     # The central side never saw an agent's key: not in its state, not in what it
     # published, not in what it printed or logged.
     central = b"".join(p.read_bytes() for p in (fleet / "state").rglob("*") if p.is_file())

@@ -23,9 +23,12 @@ class ClusterStatus:
     days_left: int | None
     roots: int
     drift: str | None
+    agent: dict[str, Any] | None = None
+    """Agent mode: what the agent reports it applied (sequence, phase, reported at)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "agent": self.agent,
             "cluster": self.cluster,
             "mesh": self.mesh,
             "target": self.target,
@@ -73,9 +76,21 @@ def cluster_status(ws: Workspace, workers: int = 16) -> list[ClusterStatus]:
                 days,
                 len(seen.bundle) if seen else 0,
                 drift,
+                _applied(everything[cluster]),
             )
         )
     return rows
+
+
+def _applied(reading: Reading) -> dict[str, Any] | None:
+    report = reading.agent.report if reading.agent is not None else None
+    if report is None:
+        return None
+    return {
+        "sequence": report.sequence,
+        "phase": report.phase or None,
+        "reportedAt": report.reported_at.isoformat() if report.reported_at else None,
+    }
 
 
 def _drift(reading: Reading, record: ClusterRecord | None) -> str | None:
