@@ -13,12 +13,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from trustmgr.agent.document import public_key_pem
+from trustmgr.agent.document import key_id, public_key_pem
 
 
 def payload(envelope: bytes | str) -> dict[str, Any]:
     """The report inside ``envelope``, as JSON."""
-    data: dict[str, Any] = json.loads(base64.b64decode(json.loads(envelope)["report"]))
+    data: dict[str, Any] = json.loads(base64.b64decode(json.loads(envelope)["payload"]))
     return data
 
 
@@ -38,8 +38,9 @@ def signed(report: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
 def _signed_bytes(data: bytes, key: Ed25519PrivateKey) -> bytes:
     return json.dumps(
         {
-            "report": base64.b64encode(data).decode(),
-            "identity": public_key_pem(key.public_key()).decode(),
+            "payload": base64.b64encode(data).decode(),
+            "key": key_id(key.public_key()),
+            "publicKey": public_key_pem(key.public_key()).decode(),
             "signature": base64.b64encode(key.sign(data)).decode(),
         }
     ).encode()
@@ -58,5 +59,5 @@ def rewrite_text(directory: Path, change: Callable[[str], str]) -> None:
     """Change the report's JSON as text (what no JSON library writes) and sign the
     bytes again with the directory agent's own key."""
     path = directory / "trustmgr-report.json"
-    text = change(base64.b64decode(json.loads(path.read_bytes())["report"]).decode())
+    text = change(base64.b64decode(json.loads(path.read_bytes())["payload"]).decode())
     path.write_bytes(_signed_bytes(text.encode(), identity_of(directory / ".trustmgr-agent.json")))

@@ -309,15 +309,46 @@ def load_public_key(
     return key
 
 
+@dataclass(frozen=True)
+class _Envelope:
+    """A signed payload as it travels: the payload's exact bytes, their Ed25519
+    signature, the signer's key id, and for a report the signer's public key."""
+
+    payload: bytes
+    signature: bytes
+    key: str
+    public_key: str = ""
+
+    @classmethod
+    def sign(cls, payload: bytes, key: Ed25519PrivateKey, *, with_public_key: bool) -> bytes:
+        public = key.public_key()
+        envelope = {
+            "payload": base64.b64encode(payload).decode(),
+            "key": key_id(public),
+            "signature": base64.b64encode(key.sign(payload)).decode(),
+        }
+        if with_public_key:
+            envelope["publicKey"] = public_key_pem(public).decode()
+        return json.dumps(envelope, sort_keys=True).encode()
+
+    @classmethod
+    def read(cls, data: bytes) -> _Envelope:
+        """Raises one of _PARSE_ERRORS naming what is wrong."""
+        envelope = _load(data)
+        signed_by = _text(envelope, "key")
+        if not _KEY_ID.fullmatch(signed_by):
+            raise _Unfit("key is not a SHA-256 in hex")
+        return cls(
+            base64.b64decode(_text(envelope, "payload"), validate=True),
+            base64.b64decode(_text(envelope, "signature"), validate=True),
+            signed_by,
+            _text(envelope, "publicKey", required=False),
+        )
+
+
 def seal(desired: Desired, key: Ed25519PrivateKey) -> bytes:
     """The envelope published for the agent."""
-    payload = desired.to_bytes()
-    envelope = {
-        "payload": base64.b64encode(payload).decode(),
-        "key": key_id(key.public_key()),
-        "signature": base64.b64encode(key.sign(payload)).decode(),
-    }
-    return json.dumps(envelope, sort_keys=True).encode()
+    return _Envelope.sign(desired.to_bytes(), key, with_public_key=False)
 
 
 def digest(envelope: bytes) -> str:
@@ -331,12 +362,8 @@ def unseal(data: bytes, key: Ed25519PublicKey | None, *, where: str) -> Desired:
     if len(data) > MAX_DOCUMENT:
         raise DocumentError(f"{where}: the desired document is over {MAX_DOCUMENT} bytes")
     try:
-        envelope = _load(data)
-        payload = base64.b64decode(_text(envelope, "payload"), validate=True)
-        signature = base64.b64decode(_text(envelope, "signature"), validate=True)
-        signed_by = _text(envelope, "key")
-        if not _KEY_ID.fullmatch(signed_by):
-            raise _Unfit("key is not a SHA-256 in hex")
+        envelope = _Envelope.read(data)
+        payload, signature, signed_by = envelope.payload, envelope.signature, envelope.key
     except _PARSE_ERRORS as exc:
         raise DocumentError(
             f"{where}: not a signed trustmgr desired document{_why(exc)}; the central run "
@@ -504,13 +531,7 @@ def csr_digest(csr: x509.CertificateSigningRequest) -> str:
 def seal_report(report: Report, key: Ed25519PrivateKey) -> bytes:
     """The report as the agent writes it, signed with its identity key: the
     central run trusts it only from the key it knows for the cluster."""
-    payload = report.to_bytes()
-    envelope = {
-        "report": base64.b64encode(payload).decode(),
-        "identity": public_key_pem(key.public_key()).decode(),
-        "signature": base64.b64encode(key.sign(payload)).decode(),
-    }
-    return json.dumps(envelope, sort_keys=True).encode()
+    return _Envelope.sign(report.to_bytes(), key, with_public_key=True)
 
 
 def open_report(data: bytes, *, where: str) -> tuple[Report, str]:
@@ -519,14 +540,14 @@ def open_report(data: bytes, *, where: str) -> tuple[Report, str]:
     if len(data) > MAX_DOCUMENT:
         raise BadMaterialError(f"{where}: the agent's report is over {MAX_DOCUMENT} bytes")
     try:
-        envelope = _load(data)
-        payload = base64.b64decode(_text(envelope, "report"), validate=True)
-        signature = base64.b64decode(_text(envelope, "signature"), validate=True)
+        envelope = _Envelope.read(data)
         try:
-            identity = load_public_key(_text(envelope, "identity").encode(), where)
+            identity = load_public_key(envelope.public_key.encode(), where)
         except BadMaterialError:
-            raise _Unfit("identity is not an Ed25519 public key") from None
-        identity.verify(signature, payload)
+            raise _Unfit("publicKey is not an Ed25519 public key") from None
+        if key_id(identity) != envelope.key:
+            raise _Unfit("key is not the id of publicKey")
+        identity.verify(envelope.signature, envelope.payload)
     except InvalidSignature:
         raise BadMaterialError(
             f"{where}: the agent's report is not signed by the key it names; refusing it"
@@ -536,4 +557,4 @@ def open_report(data: bytes, *, where: str) -> tuple[Report, str]:
             f"{where}: not a trustmgr agent report{_why(exc)}; the agent writes it again at "
             "its next pass"
         ) from None
-    return Report.parse(payload, where=where), key_id(identity)
+    return Report.parse(envelope.payload, where=where), envelope.key
