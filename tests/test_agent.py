@@ -862,3 +862,33 @@ def test_an_expired_document_is_refused_even_when_the_agent_lost_its_record(flee
     assert "the desired document expired at" in outcome.error
     assert "refusing an old document" in outcome.error
     assert _held(fleet, "b-1") == held  # the federation it ended is not brought back
+
+
+def test_the_publisher_key_is_replaced_while_agents_trust_both(fleet: Path) -> None:
+    old_only = (fleet / "publisher.pem").read_bytes()
+    both = trustmgr("agent", "publisher-key", "--next", "--out", "both.pem")
+    assert both.code == 0, both.err
+    assert (fleet / "both.pem").read_bytes().startswith(old_only)  # the current one first
+    assert (fleet / "both.pem").read_bytes().count(b"BEGIN PUBLIC KEY") == 2
+    assert trustmgr("agent", "publisher-key", "--next", "--out", "again.pem").code == 0
+    assert (fleet / "again.pem").read_bytes() == (fleet / "both.pem").read_bytes()  # made once
+    (fleet / "publisher.pem").write_bytes((fleet / "both.pem").read_bytes())  # agents trust both
+    _converge(fleet, rounds=1)
+    promoted = trustmgr("agent", "publisher-key", "--promote", "--out", "new.pem")
+    assert promoted.code == 0, promoted.err
+    new_only = (fleet / "new.pem").read_bytes()
+    assert new_only == (fleet / "both.pem").read_bytes()[len(old_only) :]
+    plan = json.loads(trustmgr("plan", "-o", "json").out)
+    rows = {c["cluster"]: c for c in plan["clusters"]}
+    for cluster in AGENTS:  # signed with the old key: published again with the new one
+        assert rows[cluster]["action"] == "publish"
+        assert "is signed by publisher key" in rows[cluster]["message"]
+    _converge(fleet, rounds=1)
+    (fleet / "publisher.pem").write_bytes(new_only)  # then the new key alone
+    _converge(fleet, rounds=1)
+    assert json.loads(trustmgr("plan", "-o", "json").out)["pending"] is False
+    (fleet / "publisher.pem").write_bytes(old_only)  # an agent left with the old key alone
+    code, err = _agent(fleet, "a-2")
+    assert code == 2 and "is signed by publisher key" in err and "refusing it" in err
+    again = trustmgr("agent", "publisher-key", "--promote")
+    assert again.code == 2 and "there is no next publisher key" in again.err

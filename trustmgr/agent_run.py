@@ -36,7 +36,7 @@ from trustmgr.agent.document import (
     csr_digest,
     digest,
     key_id,
-    load_public_key,
+    load_public_keys,
     open_report,
     seal_report,
     unseal,
@@ -109,7 +109,8 @@ class Agent:
     target: Target
     exchange: Exchange
     local: LocalStore
-    publisher: Ed25519PublicKey
+    publisher: tuple[Ed25519PublicKey, ...]
+    """The publisher keys documents may be signed with (two while it is replaced)."""
     clock: Clock
     providers: ProviderFactory | None = None
     """Builds the provider a Signer names; None: from the configuration's credentials."""
@@ -124,10 +125,10 @@ class Agent:
                 raise BadInputError(
                     f"publisherKeyFile {path}: cannot read: {exc.strerror}"
                 ) from None
-            key = load_public_key(data, f"publisherKeyFile {path}")
+            keys = load_public_keys(data, f"publisherKeyFile {path}")
         else:
             assert config.publisher_key is not None
-            key = load_public_key(config.publisher_key.encode(), "publisherKey")
+            keys = load_public_keys(config.publisher_key.encode(), "publisherKey")
         cluster = ClusterConfig(
             directory=config.directory, kubernetes=config.kubernetes, istio=config.istio
         )
@@ -143,7 +144,7 @@ class Agent:
 
             assert config.kubernetes is not None
             local = KubernetesLocalStore(config.cluster, config.kubernetes)
-        return cls(config, target, exchange, local, key, clock)
+        return cls(config, target, exchange, local, keys, clock)
 
     def close(self) -> None:
         self.target.close()

@@ -586,23 +586,52 @@ def agent_group() -> None:
 
 @agent_group.command("publisher-key")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the PEM here instead.")
+@click.option(
+    "--next",
+    "next_",
+    is_flag=True,
+    help="Make the key that replaces it (once), and print both: what agents trust meanwhile.",
+)
+@click.option(
+    "--promote",
+    is_flag=True,
+    help="Sign documents with the next key from now on (agents must trust it already).",
+)
 @click.pass_obj
-def agent_publisher_key(obj: Context, out: Path | None) -> None:
-    """Print the public key agents check desired documents with (made on first use)."""
+def agent_publisher_key(obj: Context, out: Path | None, next_: bool, promote: bool) -> None:
+    """Print the public key agents check desired documents with (made on first use).
+    To replace it: --next, give agents both keys, --promote, then the new key alone."""
+    from trustmgr.agent import publisher
     from trustmgr.agent.document import key_id, public_key_pem
 
+    if next_ and promote:
+        raise click.UsageError("--next and --promote are two steps: run them one after another")
     with obj.workspace() as ws:
-        key = ws.publisher()
-        if key is None:
+        blobs = ws.store.blobs()
+        current = publisher.load(blobs)
+        if current is not None and not (next_ or promote):
+            keys = [current]  # only read: no lock
+        else:
             with ws.store.lock():
-                key = ws.publisher(create=True)
-        assert key is not None
-        data = public_key_pem(key.public_key())
+                if promote:
+                    keys = [publisher.promote(blobs)]
+                else:
+                    keys = [publisher.ensure(blobs)]
+                    if next_:
+                        keys.append(publisher.ensure_next(blobs))
+    data = b"".join(public_key_pem(k.public_key()) for k in keys)
+    ids = " and ".join(f"{key_id(k.public_key())[:16]}…" for k in keys)
     if out is not None:
         _write_output(out, data)
-        click.echo(f"wrote {out} (key {key_id(key.public_key())[:16]}…)", err=True)
+        click.echo(f"wrote {out} (key {ids})", err=True)
     else:
         click.echo(data.decode(), nl=False)
+    if promote:
+        click.echo(
+            f"trustmgr: documents are signed with key {ids} from the next pass on; once every "
+            "agent has its documents again, give agents this key alone",
+            err=True,
+        )
 
 
 @agent_group.command("identity")

@@ -294,6 +294,23 @@ def public_key_pem(public: Ed25519PublicKey) -> bytes:
     )
 
 
+def load_public_keys(
+    data: bytes, source: str, *, command: str = "trustmgr agent publisher-key"
+) -> tuple[Ed25519PublicKey, ...]:
+    """One or more Ed25519 public keys in PEM, one after another."""
+    blocks = [
+        block
+        for block in data.split(b"-----END PUBLIC KEY-----")
+        if b"-----BEGIN PUBLIC KEY-----" in block
+    ]
+    if not blocks:
+        raise BadMaterialError(f"{source}: not a PEM public key; use what `{command}` prints")
+    return tuple(
+        load_public_key(block + b"-----END PUBLIC KEY-----\n", source, command=command)
+        for block in blocks
+    )
+
+
 def load_public_key(
     data: bytes, source: str, *, command: str = "trustmgr agent publisher-key"
 ) -> Ed25519PublicKey:
@@ -355,10 +372,16 @@ def digest(envelope: bytes) -> str:
     return hashlib.sha256(envelope).hexdigest()
 
 
-def unseal(data: bytes, key: Ed25519PublicKey | None, *, where: str) -> Desired:
-    """The document in ``data``, its signature checked with ``key`` (None: read
-    without checking, which only the central run does with its own publication).
-    Raises DocumentError with one line."""
+def unseal(
+    data: bytes,
+    key: Ed25519PublicKey | tuple[Ed25519PublicKey, ...] | None,
+    *,
+    where: str,
+) -> Desired:
+    """The document in ``data``, its signature checked with ``key``, or with the one
+    of several keys it names (an agent trusting an old and a new publisher key
+    while the publisher key is replaced); None: read without checking, which only
+    the central run does with its own publication. Raises DocumentError with one line."""
     if len(data) > MAX_DOCUMENT:
         raise DocumentError(f"{where}: the desired document is over {MAX_DOCUMENT} bytes")
     try:
@@ -370,12 +393,15 @@ def unseal(data: bytes, key: Ed25519PublicKey | None, *, where: str) -> Desired:
             "publishes it again at its next pass"
         ) from None
     if key is not None:
-        if signed_by != key_id(key):
+        trusted = {key_id(k): k for k in (key if isinstance(key, tuple) else (key,))}
+        if signed_by not in trusted:
+            names = ", ".join(f"{k[:16]}…" for k in trusted)
             raise DocumentError(
                 f"{where}: the desired document is signed by publisher key {signed_by[:16]}…, "
-                f"this agent trusts {key_id(key)[:16]}…: refusing it; give the agent the key "
+                f"this agent trusts {names}: refusing it; give the agent the key "
                 "`trustmgr agent publisher-key` prints"
             )
+        key = trusted[signed_by]
         try:
             key.verify(signature, payload)
         except InvalidSignature:

@@ -15,7 +15,24 @@ BLOB = "_agents/publisher-key.pem"
 
 
 def load(blobs: BlobStore) -> Ed25519PrivateKey | None:
-    data = blobs.load(BLOB)
+    return _load_at(blobs, BLOB)
+
+
+def ensure(blobs: BlobStore) -> Ed25519PrivateKey:
+    """The publisher key, made and stored on first use."""
+    key = load(blobs)
+    if key is None:
+        key = Ed25519PrivateKey.generate()
+        blobs.save(BLOB, _pem(key), secret=True)
+    return key
+
+
+NEXT = "_agents/publisher-key.next.pem"
+"""The key that replaces the publisher key once promoted, while agents learn it."""
+
+
+def _load_at(blobs: BlobStore, name: str) -> Ed25519PrivateKey | None:
+    data = blobs.load(name)
     if data is None:
         return None
     try:
@@ -24,21 +41,37 @@ def load(blobs: BlobStore) -> Ed25519PrivateKey | None:
         key = None
     if not isinstance(key, Ed25519PrivateKey):
         raise StateError(
-            f"the state store's {BLOB} is not an Ed25519 private key: restore it from a backup "
-            "(a new key means giving every agent the new public key)"
+            f"the state store's {name} is not an Ed25519 private key: restore it from a "
+            "backup (a new key means giving every agent the new public key)"
         )
     return key
 
 
-def ensure(blobs: BlobStore) -> Ed25519PrivateKey:
-    """The publisher key, made and stored on first use."""
-    key = load(blobs)
+def _pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def ensure_next(blobs: BlobStore) -> Ed25519PrivateKey:
+    """The next publisher key, made and stored on first use: agents are given its
+    public half beside the current one before it is promoted."""
+    key = _load_at(blobs, NEXT)
     if key is None:
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+        blobs.save(NEXT, _pem(key), secret=True)
+    return key
+
+
+def promote(blobs: BlobStore) -> Ed25519PrivateKey:
+    """The next key becomes the publisher key. Stopped between the two steps, the
+    next run finds the next key equal to the current one and finishes."""
+    key = _load_at(blobs, NEXT)
+    if key is None:
+        raise StateError(
+            "there is no next publisher key: make one with `trustmgr agent publisher-key "
+            "--next` and give every agent both keys first"
         )
-        blobs.save(BLOB, pem, secret=True)
+    blobs.save(BLOB, _pem(key), secret=True)
+    blobs.delete(NEXT)
     return key
