@@ -892,3 +892,14 @@ def test_the_publisher_key_is_replaced_while_agents_trust_both(fleet: Path) -> N
     assert code == 2 and "is signed by publisher key" in err and "refusing it" in err
     again = trustmgr("agent", "publisher-key", "--promote")
     assert again.code == 2 and "there is no next publisher key" in again.err
+
+
+def test_the_example_agent_configuration_is_one_the_agent_reads() -> None:
+    from tests.conftest import REPO
+    from trustmgr.agent import config as agent_config
+
+    example = agent_config.load(REPO / "examples" / "agent.yaml")
+    assert example.cluster == "pay-1" and example.kubernetes is not None
+    assert example.kubernetes.in_cluster
+    vault = example.providers["vault-payments"].vault
+    assert vault is not None and vault.auth.kubernetes is not None
