@@ -93,6 +93,15 @@ class RootKeeper(Protocol):
         decrypts, or with no root yet, the secret that will protect it is there."""
         ...
 
+    def reseal_if_needed(self, before_write: Callable[[], None]) -> bool:
+        """Store the root anew if it is kept in an earlier form (the key sealed
+        at a lower cost, an earlier layout); nothing if it is kept as it should
+        be. ``before_write`` is called before the first write and raises when
+        none may be made. Signing never writes: a run calls this first. A write
+        that fails is logged and leaves the root as it was, still usable. True
+        when something was written."""
+        ...
+
 
 @runtime_checkable
 class RootRenewer(Protocol):

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -32,6 +33,7 @@ from trustmgr.providers.base import (
     BACKDATE,
     BlobStore,
     Clock,
+    ProviderError,
     ProviderNeedsFixError,
     SignedCA,
     read_secret,
@@ -63,6 +65,24 @@ class Rekeyed:
     """False when the key was already protected as asked and nothing was written."""
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """The stored root as one operation read it, each blob once."""
+
+    cert: x509.Certificate
+    key: bytes | None
+    """The encrypted key; None when only the certificate of the two-file form is there."""
+    unit: bytes | None
+    """``root.pem``; None when the root is stored in the two-file form."""
+    legacy_cert: bytes | None
+    legacy_key: bytes | None
+    """The two-file form, read when the root is stored that way or when asked for."""
+
+
+def _nothing() -> None:
+    """No check before a write."""
+
+
 class SelfSignedProvider:
     """Signs cluster CA CSRs with a root it owns.
 
@@ -81,7 +101,6 @@ class SelfSignedProvider:
         self._clock = clock
         self._root: _Root | None = None
         self._prepared: _Root | None = None
-        self._reseal_lock = threading.Lock()
         self._resealed = False
         self._protection = _protection_of(name, config, clock)
 
@@ -100,9 +119,14 @@ class SelfSignedProvider:
     ) -> None:
         self.close()
 
-    def _stored(self) -> tuple[x509.Certificate, bytes | None] | None:
-        """The stored root certificate and its encrypted key (None if missing)."""
+    def _stored(self, *, legacy: bool = False) -> _Stored | None:
+        """The stored root (None if missing), each blob read once; the two-file
+        form is read when ``root.pem`` is missing, or with ``legacy`` always."""
         unit = self._store.load(f"{self.name}/{ROOT}")
+        legacy_cert = legacy_key = None
+        if unit is None or legacy:
+            legacy_cert = self._store.load(f"{self.name}/{LEGACY_CERT}")
+            legacy_key = self._store.load(f"{self.name}/{LEGACY_KEY}")
         if unit is not None:
             certs, keys = _split(unit)
             if len(certs) != 1 or len(keys) != 1:
@@ -110,21 +134,21 @@ class SelfSignedProvider:
                     f"provider {self.name}: {ROOT} must hold one certificate and one encrypted "
                     "key; restore it from a backup"
                 )
-            return _load_cert(self.name, certs[0]), keys[0]
-        cert = self._store.load(f"{self.name}/{LEGACY_CERT}")
-        key = self._store.load(f"{self.name}/{LEGACY_KEY}")
-        if cert is None:
-            if key is not None:
+            cert = _load_cert(self.name, certs[0])
+            return _Stored(cert, keys[0], unit, legacy_cert, legacy_key)
+        if legacy_cert is None:
+            if legacy_key is not None:
                 raise ProviderNeedsFixError(
                     f"provider {self.name}: {LEGACY_KEY} is stored without {LEGACY_CERT}: restore "
                     f"{LEGACY_CERT} from a backup"
                 )
             return None
-        return _load_cert(self.name, cert), key
+        cert = _load_cert(self.name, legacy_cert)
+        return _Stored(cert, legacy_key, None, legacy_cert, legacy_key)
 
     def roots(self) -> tuple[x509.Certificate, ...]:
         stored = self._stored()
-        return (stored[0],) if stored else ()
+        return (stored.cert,) if stored else ()
 
     def has_root(self) -> bool:
         return bool(self.roots())
@@ -137,6 +161,11 @@ class SelfSignedProvider:
     def keep_prepared_root(self) -> x509.Certificate:
         if self.has_root():
             raise ProviderNeedsFixError(f"provider {self.name}: a root already exists")
+        return self._keep_prepared()
+
+    def _keep_prepared(self) -> x509.Certificate:
+        """Store the prepared root, made now if it is not yet; the caller has
+        checked that no root is stored."""
         self.prepare_root()
         assert self._prepared is not None
         cert, key = self._prepared
@@ -154,8 +183,7 @@ class SelfSignedProvider:
         if self.has_root():
             raise ProviderNeedsFixError(f"provider {self.name}: a root already exists")
         self._protection.check()  # before the key is made: a missing secret costs nothing
-        self.prepare_root()
-        return self.keep_prepared_root()
+        return self._keep_prepared()
 
     def _new_root(self) -> _Root:
         cfg = self._config
@@ -195,13 +223,18 @@ class SelfSignedProvider:
             self.create_root()
             assert self._root is not None
             return self._root
-        cert, data = stored
-        if data is None:
+        return self._unlocked(stored)
+
+    def _unlocked(self, stored: _Stored) -> _Root:
+        """The root of ``stored`` with its key opened (once per provider), kept for signing."""
+        if self._root is not None and self._root[0] == stored.cert:
+            return self._root
+        if stored.key is None:
             raise ProviderNeedsFixError(
                 f"provider {self.name}: the root certificate exists but its key is missing; "
                 f"restore {LEGACY_KEY} from a backup"
             )
-        self._root = (cert, self._open(self._protection, cert, data))
+        self._root = (stored.cert, self._open(self._protection, stored.cert, stored.key))
         return self._root
 
     def _open(
@@ -257,56 +290,114 @@ class SelfSignedProvider:
         if not _same_key(self._open(protection, cert, data), key.public_key()):
             raise StateError(f"{self.name}/{ROOT}: the key sealed again does not decrypt to itself")
 
-    def _reseal_once(self) -> None:
-        """Store the unlocked root as one unit sealed at the current cost, if it
-        is not yet; once per provider, on the first signing, so under the run's
-        lock. A failure leaves the stored root as it was, still usable."""
-        with self._reseal_lock:
-            if self._resealed or not isinstance(self._protection, _Passphrase):
-                return
-            self._resealed = True
-            try:
-                self._reseal()
-            except StateError as exc:
-                log.warning(
-                    "provider %s: sealing the root key again did not finish; a later run finishes it: %s",
-                    self.name,
-                    exc,
-                )
+    def reseal_if_needed(self, before_write: Callable[[], None] = _nothing) -> bool:
+        """Store the root as one unit, its key sealed at the current cost, if it
+        is stored in an earlier form (two files, or fewer PBKDF2 rounds), and
+        remove what is left of the two-file form; the same steps as
+        :meth:`rekey`. Nothing for a key wrapped by a KMS (``rekey`` wraps it
+        anew) or one stored as it should be; checked once per provider.
 
-    def _reseal(self) -> None:
-        assert self._root is not None
-        assert isinstance(self._protection, _Passphrase)
-        cert, key = self._root
-        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-        unit_name = f"{self.name}/{ROOT}"
-        unit = self._store.load(unit_name)
-        if unit is not None:
-            certs, keys = _split(unit)
-            if not _holds(certs, cert):
-                return  # not the root just unlocked: never overwritten here
-        if unit is None or len(keys) != 1 or not _sealed_current(keys[0]):
-            passphrase = self._protection.secret()
-            sealed = keyseal.seal(key, passphrase)
-            if not _unseals_to(sealed, passphrase, key):
-                raise StateError(f"{unit_name}: the key sealed again does not decrypt to itself")
-            unit = cert_pem + sealed
+        ``before_write`` is called before the first write and raises when none
+        may be made (the daemon's leader fence); its error is raised. A failed
+        write leaves the stored root as it was, still usable, and is logged: a
+        later run finishes it. A key that does not open is left to signing,
+        which says what to do. True when something was written."""
+        if self._resealed or not isinstance(self._protection, _Passphrase):
+            return False
+        stored = self._stored(legacy=True)
+        if stored is None or stored.key is None or not self._protection.fits(stored.key):
+            return False
+        try:
+            _, key = self._unlocked(stored)
+        except ProviderError:
+            return False
+        reseal = stored.unit is None or not _sealed_current(stored.key)
+        leftovers = self._leftovers(self._protection, stored, key)
+        if not reseal and not leftovers:
+            self._resealed = True
+            return False
+        before_write()
+        try:
+            sealed = self._keep_sealed(stored, key, reseal=reseal, leftovers=leftovers)
+        except (StateError, ProviderError) as exc:
+            log.warning(
+                "provider %s: sealing the root key again did not finish; a later run finishes it: %s",
+                self.name,
+                exc,
+            )
+            return False
+        self._resealed = True
+        if sealed is not None:
+            log.info("provider %s: root key sealed as %s", self.name, keyseal.describe(sealed))
+        return True
+
+    def _keep_sealed(
+        self,
+        stored: _Stored,
+        key: CertificateIssuerPrivateKeyTypes,
+        *,
+        reseal: bool,
+        leftovers: list[str],
+    ) -> bytes | None:
+        """Store ``key``, opened from ``stored``, sealed anew under the
+        configured protection (with ``reseal``), then remove ``leftovers``.
+
+        The new form is opened again and compared with the key before it
+        replaces the stored unit in one atomic write; the unit is then read
+        back. Any failure before that leaves the stored unit as it was. The
+        sealed key, if it was written."""
+        cert = stored.cert
+        sealed = None
+        if reseal:
+            sealed = self._protection.seal(key, cert)
+            self._check_opens(self._protection, sealed, cert, key)
+            unit_name = f"{self.name}/{ROOT}"
+            unit = cert.public_bytes(serialization.Encoding.PEM) + sealed
             self._store.save(unit_name, unit, secret=True)
             if self._store.load(unit_name) != unit:
                 raise StateError(f"{unit_name} does not read back as written")
-            log.info("provider %s: root key sealed as %s", self.name, keyseal.describe(sealed))
         # the key first: should the run stop between the two, no copy of the key
-        # sealed the earlier way is left, and the certificate is removed next time
-        legacy_key = self._store.load(f"{self.name}/{LEGACY_KEY}")
-        if legacy_key is not None and _unseals_to(legacy_key, self._protection.secret(), key):
-            self._store.delete(f"{self.name}/{LEGACY_KEY}")
-        legacy_cert = self._store.load(f"{self.name}/{LEGACY_CERT}")
-        if legacy_cert is not None and _holds(_split(legacy_cert)[0], cert):
-            self._store.delete(f"{self.name}/{LEGACY_CERT}")
+        # in the earlier form is left, and the certificate is removed next time
+        for name in leftovers:
+            self._store.delete(f"{self.name}/{name}")
+        self._root = (cert, key)
+        return sealed
+
+    def _leftovers(
+        self, old: _Protection, stored: _Stored, key: CertificateIssuerPrivateKeyTypes
+    ) -> list[str]:
+        """The files of the two-file form that hold this root, key first: a
+        certificate is this one, a key is the one of a certificate that is, or
+        opens with ``old`` (what protected the key) to ``key``. A different
+        root's files are never removed here."""
+        ours = stored.legacy_cert is not None and _holds(_split(stored.legacy_cert)[0], stored.cert)
+        found = []
+        if stored.legacy_key is not None and (
+            ours or self._opens_to(old, stored.cert, stored.legacy_key, key)
+        ):
+            found.append(LEGACY_KEY)
+        if ours:
+            found.append(LEGACY_CERT)
+        return found
+
+    def _opens_to(
+        self,
+        protection: _Protection,
+        cert: x509.Certificate,
+        data: bytes,
+        key: CertificateIssuerPrivateKeyTypes,
+    ) -> bool:
+        if not protection.fits(data):
+            return False
+        try:
+            return _same_key(protection.unseal(data, cert), key.public_key())
+        except ProviderError:
+            return False
 
     def unlock(self) -> None:
-        if self.has_root():
-            self._load_root()
+        stored = self._stored()
+        if stored is not None:
+            self._unlocked(stored)
         else:
             self._protection.check()
 
@@ -320,13 +411,13 @@ class SelfSignedProvider:
         replaces the stored unit in one atomic write; the unit is then read back.
         A key already protected as asked (a second run) is left as it is. Any
         failure leaves the stored unit as it was."""
-        stored = self._stored()
+        stored = self._stored(legacy=True)
         if stored is None:
             raise ProviderNeedsFixError(
                 f"provider {self.name} has no root yet: nothing to rekey (`trustmgr bootstrap` "
                 "creates it under the configured protection)"
             )
-        cert, data = stored
+        cert, data = stored.cert, stored.key
         if data is None:
             raise ProviderNeedsFixError(
                 f"provider {self.name}: the root certificate exists but its key is missing; "
@@ -335,39 +426,28 @@ class SelfSignedProvider:
         new = self._protection
         old = new if previous is None else _protection_of(self.name, previous, self._clock)
         try:
-            key = self._open(old, cert, data, rekey_from=previous is not None)
-        except ProviderNeedsFixError as failed:
-            if old is new or not new.fits(data):
-                raise
-            try:  # a second run, or a run stopped after the rename
-                self._open(new, cert, data)
-            except ProviderNeedsFixError:
-                raise failed from None
-            form = new.describe(data)
-            return Rekeyed(cert, before=form, after=form, changed=False)
+            try:
+                key = self._open(old, cert, data, rekey_from=previous is not None)
+            except ProviderNeedsFixError as failed:
+                if old is new or not new.fits(data):
+                    raise
+                try:  # a second run, or a run stopped after the rename
+                    self._open(new, cert, data)
+                except ProviderNeedsFixError:
+                    raise failed from None
+                form = new.describe(data)
+                return Rekeyed(cert, before=form, after=form, changed=False)
+            leftovers = self._leftovers(old, stored, key)
         finally:
             if old is not new:
                 old.close()
-        sealed = new.seal(key, cert)
-        self._check_opens(new, sealed, cert, key)
-        unit_name = f"{self.name}/{ROOT}"
-        unit = cert.public_bytes(serialization.Encoding.PEM) + sealed
-        self._store.save(unit_name, unit, secret=True)
-        if self._store.load(unit_name) != unit:
-            raise StateError(f"{unit_name} does not read back as written")
-        # the key first: should the run stop between the two, no copy of the key
-        # in the earlier protection is left, and the certificate is removed next time
-        legacy_cert = self._store.load(f"{self.name}/{LEGACY_CERT}")
-        if legacy_cert is not None and _holds(_split(legacy_cert)[0], cert):
-            self._store.delete(f"{self.name}/{LEGACY_KEY}")
-            self._store.delete(f"{self.name}/{LEGACY_CERT}")
-        self._root = (cert, key)
+        sealed = self._keep_sealed(stored, key, reseal=True, leftovers=leftovers)
+        assert sealed is not None
         log.info("provider %s: root key %s", self.name, new.describe(sealed))
         return Rekeyed(cert, before=old.describe(data), after=new.describe(sealed), changed=True)
 
     def sign_ca(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCA:
         root, key = self._load_root()
-        self._reseal_once()
         if not csr.is_signature_valid:
             raise ProviderNeedsFixError(f"provider {self.name}: the CSR's signature is invalid")
         now = self._clock()
@@ -422,14 +502,6 @@ def _sealed_current(key: bytes) -> bool:
         return keyseal.describe(key).current
     except keyseal.SealFormatError:
         return False
-
-
-def _unseals_to(data: bytes, passphrase: bytes, key: CertificateIssuerPrivateKeyTypes) -> bool:
-    try:
-        found = keyseal.unseal(data, passphrase)
-    except keyseal.UnsealError:
-        return False
-    return _same_key(found, key.public_key())
 
 
 def _same_key(key: PrivateKeyTypes, public: object) -> bool:

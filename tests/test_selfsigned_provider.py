@@ -124,6 +124,14 @@ def _signs(provider: SelfSignedProvider, root: x509.Certificate) -> None:
     assert answer.roots == (root,)
 
 
+def _resealed(store: BlobStore) -> SelfSignedProvider:
+    """The provider as the next run builds it, after the run's step that stores
+    a root kept in an earlier form anew (signing never writes)."""
+    provider = _fresh(store)
+    provider.reseal_if_needed()
+    return provider
+
+
 def _store_earlier_form(
     provider: SelfSignedProvider, tmp_path: Path, *, two_files: bool
 ) -> x509.Certificate:
@@ -171,7 +179,7 @@ def test_a_new_root_key_is_sealed_at_the_current_cost_and_openssl_reads_it(
     assert key.public_key() == root.public_key()
 
 
-def test_an_earlier_key_is_sealed_again_on_the_first_signing_and_still_signs(
+def test_an_earlier_key_is_sealed_again_before_signing_and_still_signs(
     provider: SelfSignedProvider, store: FileStateStore, tmp_path: Path
 ) -> None:
     root = _store_earlier_form(provider, tmp_path, two_files=False)
@@ -181,13 +189,18 @@ def test_an_earlier_key_is_sealed_again_on_the_first_signing_and_still_signs(
     fresh.unlock()
     assert snapshot(corp) == before, "unlocking writes nothing"
     _signs(fresh, root)
+    assert snapshot(corp) == before, "signing writes nothing"
+    assert fresh.reseal_if_needed()
     unit = (corp / "root.pem").read_bytes()
     assert unit.startswith(root.public_bytes(PEM))
     assert _key_seal(unit).current
     assert stat.S_IMODE((corp / "root.pem").stat().st_mode) == 0o600
     assert sorted(_files(corp)) == ["root.pem"]
+    _signs(fresh, root)
     resealed = snapshot(corp)
-    _signs(_fresh(store.blobs()), root)
+    again = _fresh(store.blobs())
+    assert not again.reseal_if_needed()
+    _signs(again, root)
     assert snapshot(corp) == resealed, "a key sealed at the current cost is not written again"
 
 
@@ -195,11 +208,11 @@ def test_the_two_file_form_moves_into_one_unit(
     provider: SelfSignedProvider, store: FileStateStore, tmp_path: Path
 ) -> None:
     root = _store_earlier_form(provider, tmp_path, two_files=True)
-    _signs(_fresh(store.blobs()), root)
+    _signs(_resealed(store.blobs()), root)
     corp = _corp(tmp_path)
     assert sorted(_files(corp)) == ["root.pem"]
     assert _key_seal((corp / "root.pem").read_bytes()).current
-    _signs(_fresh(store.blobs()), root)
+    _signs(_resealed(store.blobs()), root)
 
 
 @pytest.mark.parametrize(
@@ -216,11 +229,11 @@ def test_two_file_leftovers_of_a_stopped_run_are_removed(
     corp = _corp(tmp_path)
     root = _store_earlier_form(provider, tmp_path, two_files=True)
     earlier = _files(corp)
-    _signs(_fresh(store.blobs()), root)
+    _signs(_resealed(store.blobs()), root)
     for name in left:
         (corp / name).write_bytes(earlier[name])
     unit = snapshot(corp)["root.pem"]
-    _signs(_fresh(store.blobs()), root)
+    _signs(_resealed(store.blobs()), root)
     assert sorted(_files(corp)) == ["root.pem"]
     assert snapshot(corp)["root.pem"] == unit
 
@@ -235,7 +248,7 @@ def test_a_different_root_in_the_two_files_is_left_alone(
     for name in ("root-cert.pem", "root-key.pem"):
         (corp / name).write_bytes((_corp(other) / name).read_bytes())
     before = _files(corp)
-    _signs(_fresh(store.blobs()), root)
+    _signs(_resealed(store.blobs()), root)
     assert _files(corp) == before
 
 
@@ -283,25 +296,23 @@ def test_a_failed_save_while_sealing_again_leaves_the_earlier_form_usable(
     root = _store_earlier_form(provider, tmp_path, two_files=two_files)
     corp = _corp(tmp_path)
     before = _files(corp)
-    _signs(_fresh(blobs(store.blobs())), root)
+    _signs(_resealed(blobs(store.blobs())), root)
     assert _files(corp) == before
     assert (
         f"provider corp: sealing the root key again did not finish; a later run finishes it: {reason}"
         in caplog.text
     )
     assert "correct horse" not in caplog.text
-    _signs(_fresh(store.blobs()), root)
+    _signs(_resealed(store.blobs()), root)
     assert sorted(_files(corp)) == ["root.pem"]
     assert _key_seal((corp / "root.pem").read_bytes()).current
 
 
 _KILLED_BEFORE_RENAME = """
 import os, signal, sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from trustmgr.pki import cluster_ca_request
 from trustmgr.providers.config import SelfSignedConfig
-from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.providers.selfsigned import SelfSignedProvider
 from trustmgr.state.file import FileStateStore
 
@@ -314,8 +325,7 @@ provider = SelfSignedProvider(
 provider.unlock()
 # the new file is written and flushed; the rename that would replace root.pem never runs
 os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
-request = cluster_ca_request("a.test", cluster="c", algorithm=KeyAlgorithm.ECDSA_P256)
-provider.sign_ca(request.csr, timedelta(hours=1))
+provider.reseal_if_needed()
 """
 
 
@@ -335,7 +345,7 @@ def test_a_run_killed_between_write_and_rename_leaves_a_usable_key(
     (written,) = corp.glob(".root.pem.*.tmp")
     assert stat.S_IMODE(written.stat().st_mode) == 0o600
     assert _key_seal(written.read_bytes()).current
-    _signs(_fresh(store.blobs()), root)
+    _signs(_resealed(store.blobs()), root)
     assert _key_seal((corp / "root.pem").read_bytes()).current
 
 

@@ -1,10 +1,11 @@
 """Execute: carry out a plan, and nothing else.
 
 Order, so that nothing is left half-done: the caller has run :func:`preflight`
-(every check that needs no write); then the roots the plan creates are kept;
-then clusters are written in parallel, each all-or-nothing, one cluster's
-failure never stopping the others; then what was written is recorded in the
-state in one save.
+(every check that needs no write); then the roots the plan creates are kept,
+and a root it signs with that is stored in an earlier form is stored anew
+(signing itself never writes); then clusters are written in parallel, each
+all-or-nothing, one cluster's failure never stopping the others; then what was
+written is recorded in the state in one save.
 
 ``stop`` (set on SIGTERM or Ctrl-C) stops starting new clusters: the ones in
 flight finish, what completed is recorded, the rest is reported as not started.
@@ -176,6 +177,7 @@ def execute(
         fence()
         ws.publisher(create=True)
         log.info("created the publisher key of desired documents")
+    _reseal(ws, plan, fence)
     results = _apply_all(ws, plan, observation, workers, stop, progress, fence)
     state = saved if saved is not None else ws.store.load()
     new_state = _with_imports(state, observation)
@@ -191,6 +193,23 @@ def execute(
         fence()
         ws.store.save(new_state)
     return Report(plan, tuple(o for o, _ in results), tuple(created), stop.is_set())
+
+
+def _signers(ws: Workspace, plan: Plan) -> list[RootKeeper]:
+    """The providers that keep their own root and that the plan signs with, once each."""
+    signing = [
+        ws.incoming[c.desired.incoming] if c.desired.incoming else ws.providers[c.desired.provider]
+        for c in plan.clusters
+        if c.desired is not None and c.action in (Action.ISSUE, Action.RENEW, Action.SIGN)
+    ]
+    return [p for p in {id(p): p for p in signing}.values() if isinstance(p, RootKeeper)]
+
+
+def _reseal(ws: Workspace, plan: Plan, fence: Fence) -> None:
+    """Store anew, fenced, each root the plan signs with that is kept in an
+    earlier form: here, before any cluster, as signing never writes."""
+    for provider in _signers(ws, plan):
+        provider.reseal_if_needed(fence)
 
 
 def _record_rotations(ws: Workspace, plan: Plan, fence: Fence) -> State | None:
