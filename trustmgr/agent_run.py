@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,7 +47,7 @@ from trustmgr.agent.exchange import (
     Exchange,
     LocalStore,
 )
-from trustmgr.bundles import TrustBundle, fingerprint, load_certificates
+from trustmgr.bundles import TrustBundle, load_certificates
 from trustmgr.config import ClusterConfig
 from trustmgr.errors import (
     BadInputError,
@@ -56,12 +56,12 @@ from trustmgr.errors import (
     StateError,
     TrustmgrError,
 )
+from trustmgr.execute import RESTARTED, check_writable, restart_istiod_if, signed_root
 from trustmgr.observe import Reading, read_target
 from trustmgr.pki import (
     CACerts,
     ClusterCARequest,
     assemble,
-    check_signed_ca,
     cluster_ca_request,
     csr_problems,
     load_private_key,
@@ -73,9 +73,8 @@ from trustmgr.providers import Clock, Provider, ProviderError, ProviderNeedsFixE
 from trustmgr.providers.config import AcmPcaConfig, ProviderConfig, VaultConfig
 from trustmgr.providers.keys import KeyAlgorithm
 from trustmgr.targets import Target
-from trustmgr.targets.base import IstiodRestarter
 from trustmgr.upstream import build_provider
-from trustmgr.workspace import default_exchange, default_target
+from trustmgr.workspace import close_provider, default_exchange, default_target
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +113,8 @@ class Agent:
     clock: Clock
     providers: ProviderFactory | None = None
     """Builds the provider a Signer names; None: from the configuration's credentials."""
+    _unwritten: tuple[CACerts | None] | None = field(default=None, init=False, repr=False)
+    """The cacerts read this pass, while nothing was written since (None: read again)."""
 
     @classmethod
     def build(cls, config: AgentConfig, *, clock: Clock) -> Agent:
@@ -151,12 +152,19 @@ class Agent:
         self.exchange.close()
         self.local.close()
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.local, _Remembered):
+            self.local = _Remembered(self.local)
+
     def run_once(self, *, log_errors: bool = True) -> AgentOutcome:
         """One pass; every failure is one line in the outcome and in the report, and a
         warning in the log unless ``log_errors`` is False (``agent run --once`` prints the
         line itself: stderr holds it once)."""
         now = self.clock()
         desired: Desired | None = None
+        if isinstance(self.local, _Remembered):
+            self.local.forget()
+        self._unwritten = None
         try:
             self._identity(self.local.load())  # what reports are signed with: first of all
         except TrustmgrError as exc:
@@ -241,6 +249,8 @@ class Agent:
         plan = plan_cluster(d, reading, None, now)
         action = Action.NONE if plan.action is Action.RECORD else plan.action
         done = AgentOutcome(action, plan.reason, plan.message, desired.sequence)
+        if reading.error is None:
+            self._unwritten = (reading.material,)  # what the report tells, until a write
         if action is Action.NONE:
             return done
         if action is Action.REFUSE:
@@ -269,14 +279,14 @@ class Agent:
         """After a write istiod cannot hot-reload: restart it if allowed, else say so."""
         if plan.reload is not Reload.RESTART:
             return done
-        if not self.config.istio.restart_istiod or not isinstance(self.target, IstiodRestarter):
-            return replace(done, message=f"{done.message} (istiod restart needed)")
         try:
-            self.target.restart_istiod()
+            said = restart_istiod_if(self.config.istio.restart_istiod, self.target)
         except TrustmgrError as exc:
             error = f"cacerts written, but istiod could not be restarted: {exc}"
             return replace(done, error=error, exit_code=1)
-        return replace(done, message=f"{done.message}; istiod restarted")
+        if said == RESTARTED:
+            return replace(done, message=f"{done.message}; istiod restarted")
+        return replace(done, message=f"{done.message} (istiod restart needed)")
 
     def _issue(self, desired: Desired, d: DesiredCluster, now: datetime) -> CACerts | None:
         """A new CA with a key made here; None while the central run has to sign."""
@@ -289,9 +299,7 @@ class Agent:
             try:
                 answer = provider.sign_ca(request.csr, d.ttl)
             finally:
-                close = getattr(provider, "close", None)
-                if callable(close):
-                    close()
+                close_provider(provider)
             return self._assemble(request, answer, d, now, f"provider {d.provider}")
         pending = _pending(local, d)
         signed = desired.signed
@@ -329,23 +337,18 @@ class Agent:
         signer: str,
     ) -> CACerts:
         assert d.bundle is not None
-        root = check_signed_ca(answer, request, d.trust_domain, provider=d.provider, now=now)
-        if fingerprint(root) not in d.own_roots:
-            raise ProviderAnswerError(
-                f"the CA signed by {signer} chains to root {fingerprint(root)[:16]}…, not one "
-                "the desired document allows now; nothing written"
-            )
+        root = signed_root(answer, request, d, now=now, signer=signer)
         return assemble(request, answer, root, d.bundle)
 
     def _write(self, material: CACerts, d: DesiredCluster, now: datetime) -> None:
-        problems = observe(material, trust_domain=d.trust_domain, now=now).problems
-        if problems:
-            raise TrustmgrError(f"refusing to write material istiod would reject: {problems[0]}")
+        self._unwritten = None
+        check_writable(material, d.trust_domain, now=now)
         self.target.write(material, adopt=d.adopt)
 
     def _report(self, desired: Desired | None, outcome: AgentOutcome, now: datetime) -> None:
         trust_domain = desired.trust_domain if desired is not None else None
-        material = self.target.read()
+        # read this pass, and nothing written since: not read again
+        material = self._unwritten[0] if self._unwritten is not None else self.target.read()
         local = self.local.load()
         if local.pending_key and material is not None and material.ca_key == local.pending_key:
             # the key is in cacerts now (this pass or one stopped before this point)
@@ -462,6 +465,31 @@ class Agent:
                 f"{self.exchange.where}: the desired document's {signer.kind} settings of "
                 f"provider {signer.provider} are unusable: {'; '.join(problems)}; nothing written"
             ) from None
+
+
+class _Remembered:
+    """The agent's own record, read once per pass: later reads in the pass are
+    answered from what was read or saved (each a request to the API server)."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self._store = store
+        self._known: AgentLocal | None = None
+
+    def forget(self) -> None:
+        self._known = None
+
+    def load(self) -> AgentLocal:
+        if self._known is None:
+            self._known = self._store.load()
+        return self._known
+
+    def save(self, local: AgentLocal) -> None:
+        self._known = None  # a failed save leaves nothing known
+        self._store.save(local)
+        self._known = local
+
+    def close(self) -> None:
+        self._store.close()
 
 
 def run_forever(agent: Agent, stop: threading.Event) -> None:

@@ -24,6 +24,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from cryptography import x509
 
 from trustmgr.agent.document import Report as AgentReport
 from trustmgr.agent.document import Signed, csr_digest, seal
@@ -39,6 +42,7 @@ from trustmgr.federation import order_bundle
 from trustmgr.observe import Observation, Reading, read_cluster
 from trustmgr.pki import (
     CACerts,
+    ClusterCARequest,
     assemble,
     check_signed_ca,
     cluster_ca_request,
@@ -46,7 +50,7 @@ from trustmgr.pki import (
     observe,
 )
 from trustmgr.planner import Action, ClusterPlan, DesiredCluster, Plan, Reload, plan_cluster
-from trustmgr.providers import ProviderError, ProviderTransientError, RootKeeper
+from trustmgr.providers import ProviderError, ProviderTransientError, RootKeeper, SignedCA
 from trustmgr.state.model import BundleRecord, ClusterRecord, State
 from trustmgr.targets import Target
 from trustmgr.targets.base import IstiodRestarter, Tidyable
@@ -324,13 +328,7 @@ def _apply_cluster(
             material = _material_for(ws, c, d, reading.material, issued)
             if c.action is not Action.UPDATE_BUNDLE:
                 issued = material
-            # Everything the next observation would object to, not only istiod's
-            # load checks: otherwise every run would re-issue.
-            problems = observe(material, trust_domain=d.trust_domain, now=ws.clock()).problems
-            if problems:
-                raise TrustmgrError(
-                    f"refusing to write material istiod would reject: {problems[0]}"
-                )
+            check_writable(material, d.trust_domain, now=ws.clock())
             fence()
             target.write(material, adopt=d.adopt)
         except TargetConflictError as exc:
@@ -394,16 +392,39 @@ def _sign_for_agent(ws: Workspace, d: DesiredCluster, report: AgentReport) -> Si
         )
     provider = ws.incoming[d.incoming] if d.incoming else ws.providers[d.provider]
     answer = provider.sign_ca(csr, d.ttl)
-    root = check_signed_ca(answer, csr, d.trust_domain, provider=d.provider, now=ws.clock())
-    if fingerprint(root) not in d.own_roots:
-        raise ProviderAnswerError(
-            f"provider {d.provider} signed under a root the cluster may not be under now"
-        )
+    root = signed_root(answer, csr, d, now=ws.clock(), signer=f"provider {d.provider}")
     return Signed(
         csr_digest(csr),
         b"".join(pem(cert) for cert in answer.chain).decode(),
         pem(root).decode(),
     )
+
+
+def check_writable(material: CACerts, trust_domain: str, *, now: datetime) -> None:
+    """Refuse material the next observation would object to, not only istiod's load
+    checks: otherwise every run would issue again."""
+    problems = observe(material, trust_domain=trust_domain, now=now).problems
+    if problems:
+        raise TrustmgrError(f"refusing to write material istiod would reject: {problems[0]}")
+
+
+def signed_root(
+    answer: SignedCA,
+    request: ClusterCARequest | x509.CertificateSigningRequest,
+    d: DesiredCluster,
+    *,
+    now: datetime,
+    signer: str,
+) -> x509.Certificate:
+    """The root an answer for the cluster ends under: checked as any provider's
+    answer, and one of the roots the cluster may be under now."""
+    root = check_signed_ca(answer, request, d.trust_domain, provider=d.provider, now=now)
+    if fingerprint(root) not in d.own_roots:
+        raise ProviderAnswerError(
+            f"the CA signed by {signer} chains to root {fingerprint(root)[:16]}…, not one "
+            "the desired document allows now; nothing written"
+        )
+    return root
 
 
 def _record(ws: Workspace, material: CACerts, d: DesiredCluster) -> ClusterRecord:
@@ -456,9 +477,13 @@ def _restart_if_needed(
 
 def restart_istiod(ws: Workspace, cluster: str, target: Target) -> str:
     """Restart istiod if the cluster allows it and the target can; say which."""
-    if not ws.cluster_config(cluster).istio.restart_istiod or not isinstance(
-        target, IstiodRestarter
-    ):
+    return restart_istiod_if(ws.cluster_config(cluster).istio.restart_istiod, target)
+
+
+def restart_istiod_if(allowed: bool, target: Target) -> str:
+    """Restart istiod if ``allowed`` (``istio.restartIstiod``) and the target can:
+    ``restarted``, or ``restart needed``."""
+    if not allowed or not isinstance(target, IstiodRestarter):
         return RESTART_NEEDED
     target.restart_istiod()
     return RESTARTED

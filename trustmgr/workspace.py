@@ -140,9 +140,7 @@ class Workspace:
         for exchange in self.exchanges.values():
             exchange.close()
         for provider in (*self.providers.values(), *self.incoming.values()):
-            close = getattr(provider, "close", None)
-            if callable(close):
-                close()
+            close_provider(provider)
 
     def __enter__(self) -> Workspace:
         return self
@@ -202,6 +200,13 @@ class Workspace:
             return self._publisher
 
 
+def close_provider(provider: object) -> None:
+    """Release a provider's connections, if it holds any (Provider has no close)."""
+    close = getattr(provider, "close", None)
+    if callable(close):
+        close()
+
+
 def authority(
     config: Config, store: StateStore, provider: str, generation: str, clock: Clock
 ) -> Provider:
@@ -230,9 +235,7 @@ class Only:
         return SignedCA(answer.chain, kept or answer.roots)
 
     def close(self) -> None:
-        close = getattr(self._provider, "close", None)
-        if callable(close):
-            close()
+        close_provider(self._provider)
 
 
 class _Prefixed:
