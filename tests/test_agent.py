@@ -741,6 +741,12 @@ def test_the_first_report_s_key_is_trusted_and_agent_key_pins_it(fleet: Path) ->
     )
     run = trustmgr("validate")
     assert run.code == 2 and "agentKey is the agent's public key in PEM" in run.err
+    garbage = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"
+    (fleet / "trustmgr.yaml").write_text(
+        config.replace(original, pinned.replace("KEY", json.dumps(garbage)))
+    )
+    run = trustmgr("validate")
+    assert run.code == 2 and "agentKey is the agent's public key in PEM" in run.err
 
 
 def test_an_agent_reporting_a_ca_under_an_unknown_root_fails_alone(

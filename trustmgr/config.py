@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from trustmgr.errors import ConfigError
@@ -162,6 +164,14 @@ class KubernetesTargetConfig(Model):
         return self
 
 
+def _ed25519_public(pem: str) -> bool:
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError):
+        return False
+    return isinstance(key, Ed25519PublicKey)
+
+
 class ClusterConfig(Model):
     """One cluster: exactly one target.
 
@@ -190,7 +200,7 @@ class ClusterConfig(Model):
         if self.agent_key is not None:
             if not self.agent:
                 raise ValueError("agentKey is for a cluster in mode agent")
-            if "PUBLIC KEY" not in self.agent_key or "PRIVATE" in self.agent_key:
+            if "PRIVATE" in self.agent_key or not _ed25519_public(self.agent_key):
                 raise ValueError(
                     "agentKey is the agent's public key in PEM, as `trustmgr agent identity` "
                     "prints it"
